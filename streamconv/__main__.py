@@ -1,0 +1,7 @@
+"""``python -m streamconv`` is the ``streamconv`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

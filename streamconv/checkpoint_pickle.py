@@ -1,0 +1,83 @@
+"""Build a rank file's ``data.pkl`` from shapes alone, exactly as ``torch.save`` would.
+
+``torch.save`` pickles (protocol 2) the state dict with each tensor reduced to
+``torch._utils._rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())``
+and each storage replaced by the persistent id ``('storage', <Storage class>,
+key, 'cpu', numel)``. None of that depends on the tensor data, so the pickle can
+be produced before a single byte of data is converted: stand-in objects with the
+same ``__reduce_ex__`` go through the standard pickler, which yields the same
+bytes ``torch.save`` produces for real tensors (a test checks this). The result
+references no Megatron class, so ``torch.load`` works without Megatron, and with
+``weights_only=True`` once ``argparse.Namespace`` is allowed.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+
+import torch
+
+
+class _StorageRef:
+    __slots__ = ("key", "storage_type", "numel")
+
+    def __init__(self, key: str, storage_type, numel: int):
+        self.key, self.storage_type, self.numel = key, storage_type, numel
+
+
+class _TensorRef:
+    """Pickles as the tensor torch.save would write for a contiguous tensor of this shape."""
+
+    __slots__ = ("storage", "shape")
+
+    def __init__(self, storage: _StorageRef, shape: tuple):
+        self.storage, self.shape = storage, tuple(shape)
+
+    def __reduce_ex__(self, protocol):
+        stride = []
+        acc = 1
+        for s in reversed(self.shape):
+            stride.append(acc)
+            acc *= s
+        stride = tuple(reversed(stride))
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (self.storage, 0, self.shape, stride, False, collections.OrderedDict()),
+        )
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
+        return None
+
+
+STORAGE_TYPES = {"bf16": torch.BFloat16Storage, "uint8": torch.ByteStorage}
+ITEMSIZE = {"bf16": 2, "uint8": 1}
+
+
+def build_pickle(args, model_entries: list) -> bytes:
+    """``model_entries``: (key, None) or (key, dtype, shape, storage_key) in order."""
+    model = collections.OrderedDict()
+    for e in model_entries:
+        if e[1] is None:
+            model[e[0]] = None
+            continue
+        key, dtype, shape, skey = e
+        numel = 1
+        for s in shape:
+            numel *= s
+        model[key] = _TensorRef(_StorageRef(skey, STORAGE_TYPES[dtype], numel), shape)
+    state = {
+        "args": args,
+        "checkpoint_version": 3.0,
+        "iteration": 1,
+        "model": model,
+        "num_floating_point_operations_so_far": 0,
+    }
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(state)
+    return buf.getvalue()

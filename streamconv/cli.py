@@ -1,0 +1,265 @@
+"""Command line: ``streamconv {convert,plan,verify}``, accepting the official converter's flags.
+
+A user of ``python tools/checkpoint/convert.py --model-type GPT --loader core_mf
+--saver core ...`` swaps only the program name: every flag of that command
+(convert.py's, the core_mf loader plugin's, the core saver's) is accepted with
+the same meaning. Flags that only make sense for the official pipeline
+(``--megatron-path``, ``--ms2torch-ckpt-path``, ``--max-queue-size``,
+``--no-checking``, ``--loader-transformer-impl``) are accepted and ignored with a
+one-line notice. Bare flags without a subcommand mean ``convert``.
+
+Errors print one line, ``streamconv: error: ...``, and exit 2 (bad input, flags
+or paths), 3 (write failure; ``--resume`` finishes), 1 (verify found
+differences) or 130 (interrupted). ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import __version__
+from .errors import StreamconvError, VerifyMismatch
+from .options import FC1_LAYOUTS, QKV_LAYOUTS, TRANSFORMER_IMPLS, ConvertOptions
+from .sizes import parse_size
+
+IGNORED = {
+    "megatron_path": "--megatron-path is not needed (streamconv does not import Megatron); ignored",
+    "ms2torch_ckpt_path": "--ms2torch-ckpt-path ignored: streamconv writes no intermediate copy",
+    "max_queue_size": "--max-queue-size ignored: streamconv's memory is bounded by --max-memory",
+    "no_checking": "--no-checking ignored: streamconv always checks",
+    "loader_transformer_impl": None,  # silently accepted: it does not change the output
+}
+
+
+def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
+    g = p.add_argument_group("input and output")
+    g.add_argument("--load-dir", required=True, help="MindSpore safetensors checkpoint: a file, a directory, an "
+                   "index/param_name_map.json, a unified directory or mindformers' iteration output")
+    g.add_argument("--save-dir", required=True, help="directory for the Megatron-LM checkpoint")
+    lay = p.add_argument_group("source layouts (mindformers' training options)")
+    lay.add_argument("--fc1-layout", choices=FC1_LAYOUTS, default="interleaved",
+                     help="gated linear_fc1 row layout: 'interleaved' = use_interleaved_weight_layout_mlp: True "
+                          "(mindformers default), 'concat' = [gate; up]")
+    lay.add_argument("--qkv-layout", choices=QKV_LAYOUTS, default="grouped",
+                     help="linear_qkv row layout: 'grouped' = per query group [q;k;v] (mindformers default "
+                          "use_contiguous_weight_layout_attention: False), 'contiguous' = [all Q; all K; all V]")
+    if verify:
+        return
+    o = p.add_argument_group("official convert.py flags")
+    o.add_argument("--model-type", choices=["GPT"], default="GPT", help="only GPT models are converted")
+    o.add_argument("--loader", default="core_mf", help="must be core_mf (MindSpore Transformers safetensors)")
+    o.add_argument("--saver", default="core", help="must be core (or mcore): Megatron-LM core legacy checkpoint")
+    o.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP")
+    o.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP")
+    o.add_argument("--target-expert-parallel-size", type=int, default=1, help="must be 1 (dense models)")
+    o.add_argument("--saver-transformer-impl", choices=TRANSFORMER_IMPLS, default="transformer_engine",
+                   help="key names of the output (official default: transformer_engine)")
+    o.add_argument("--loader-transformer-impl", choices=TRANSFORMER_IMPLS, default=None,
+                   help="accepted for compatibility; does not change the output")
+    o.add_argument("--position-embedding-type", choices=["rope", "none", "learned_absolute"], default="rope",
+                   help="rope (default here; the official loader defaults to learned_absolute, which "
+                        "mindformers GPT checkpoints do not have)")
+    o.add_argument("--true-vocab-size", type=int, help="real vocabulary size: the table is padded/trimmed to "
+                   "a multiple of 128 x TP (Megatron's rule)")
+    o.add_argument("--vocab-file", help="JSON vocabulary; its length is the true vocab size")
+    o.add_argument("--padded-vocab-size", type=int, help="accepted; must equal the embedding rows unless "
+                   "--true-vocab-size is given (then it is recomputed)")
+    o.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    o.add_argument("--num-layers", type=int)
+    o.add_argument("--seq-length", type=int, default=2048, help="sequence length stored in args (default 2048)")
+    o.add_argument("--max-position-embeddings", type=int,
+                   help="default: 2048, or --seq-length when that is larger")
+    o.add_argument("--hidden-size", type=int)
+    o.add_argument("--ffn-hidden-size", type=int)
+    o.add_argument("--num-attention-heads", type=int)
+    o.add_argument("--num-query-groups", type=int)
+    o.add_argument("--kv-channels", type=int, help="head dim (inferred from q_layernorm or hidden/heads)")
+    o.add_argument("--group-query-attention", action="store_true", help="accepted; inferred from the shapes")
+    o.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"])
+    o.add_argument("--add-bias-linear", action="store_true")
+    o.add_argument("--add-qkv-bias", action="store_true")
+    o.add_argument("--swiglu", action="store_true")
+    o.add_argument("--qk-layernorm", action="store_true", help="Qwen3-style q/k layernorm (also inferred)")
+    o.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="accepted; inferred from the presence of output_layer.weight")
+    o.add_argument("--tokenizer-type", default="HuggingFaceTokenizer")
+    o.add_argument("--megatron-path", help=argparse.SUPPRESS)
+    o.add_argument("--ms2torch-ckpt-path", help=argparse.SUPPRESS)
+    o.add_argument("--max-queue-size", type=int, help=argparse.SUPPRESS)
+    o.add_argument("--no-checking", action="store_true", help=argparse.SUPPRESS)
+
+
+def _run_flags(p: argparse.ArgumentParser, plan_only: bool = False) -> None:
+    r = p.add_argument_group("streamconv")
+    r.add_argument("--max-memory", metavar="SIZE",
+                   help="hard ceiling on peak resident memory, e.g. 2GiB or 1500MB (default: about one layer)")
+    if not plan_only:
+        r.add_argument("--overwrite", action="store_true",
+                       help="write into a non-empty save directory, replacing its checkpoint files")
+        r.add_argument("--resume", action="store_true",
+                       help="finish an interrupted run in --save-dir (same flags and input)")
+        r.add_argument("--verify", action="store_true", help="run 'streamconv verify' after converting")
+        r.add_argument("--quiet", action="store_true", help="no progress output")
+        r.add_argument("--json-summary", metavar="FILE", help="write the run's figures as JSON")
+    r.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="streamconv",
+        description="Stream a MindSpore Transformers safetensors checkpoint into a Megatron-LM core checkpoint.",
+    )
+    p.add_argument("--version", action="version", version=f"streamconv {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{convert,plan,verify}")
+    c = sub.add_parser("convert", help="convert a checkpoint (the official convert.py flags work here)")
+    _model_flags(c)
+    _run_flags(c)
+    pl = sub.add_parser("plan", help="read only the headers and print the schedule; writes nothing")
+    _model_flags(pl)
+    _run_flags(pl, plan_only=True)
+    v = sub.add_parser("verify", help="recompute every output tensor from the source and compare")
+    _model_flags(v, verify=True)
+    v.add_argument("--max-memory", metavar="SIZE")
+    v.add_argument("--json-summary", metavar="FILE")
+    v.add_argument("--quiet", action="store_true")
+    v.add_argument("--debug", action="store_true")
+    return p
+
+
+def options_from_args(a: argparse.Namespace) -> ConvertOptions:
+    notices = []
+    for k, msg in IGNORED.items():
+        if getattr(a, k, None) not in (None, False) and msg:
+            notices.append(msg)
+    if a.loader not in ("core_mf", "mf"):
+        raise _flag_error(f"--loader {a.loader}: streamconv reads MindSpore Transformers safetensors (--loader core_mf)")
+    if a.saver not in ("core", "mcore"):
+        raise _flag_error(f"--saver {a.saver}: streamconv writes Megatron-LM core checkpoints (--saver core)")
+    o = ConvertOptions(
+        load_dir=a.load_dir,
+        save_dir=a.save_dir,
+        target_tensor_parallel_size=a.target_tensor_parallel_size,
+        target_pipeline_parallel_size=a.target_pipeline_parallel_size,
+        target_expert_parallel_size=a.target_expert_parallel_size,
+        saver_transformer_impl=a.saver_transformer_impl,
+        loader_transformer_impl=a.loader_transformer_impl or "local",
+        position_embedding_type=a.position_embedding_type,
+        true_vocab_size=a.true_vocab_size,
+        vocab_file=a.vocab_file,
+        padded_vocab_size=a.padded_vocab_size,
+        make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
+        num_layers=a.num_layers,
+        seq_length=a.seq_length,
+        max_position_embeddings=a.max_position_embeddings,
+        hidden_size=a.hidden_size,
+        ffn_hidden_size=a.ffn_hidden_size,
+        num_attention_heads=a.num_attention_heads,
+        num_query_groups=a.num_query_groups,
+        kv_channels=a.kv_channels,
+        normalization=a.normalization,
+        add_bias_linear=a.add_bias_linear,
+        add_qkv_bias=a.add_qkv_bias,
+        swiglu=a.swiglu,
+        qk_layernorm=a.qk_layernorm,
+        untie_embeddings_and_output_weights=a.untie_embeddings_and_output_weights,
+        group_query_attention=a.group_query_attention,
+        tokenizer_type=a.tokenizer_type,
+        fc1_layout=a.fc1_layout,
+        qkv_layout=a.qkv_layout,
+        max_memory=parse_size(a.max_memory) if a.max_memory else None,
+        overwrite=getattr(a, "overwrite", False),
+        resume=getattr(a, "resume", False),
+        verify=getattr(a, "verify", False),
+        quiet=getattr(a, "quiet", False),
+        notices=notices,
+    )
+    return o
+
+
+def _flag_error(msg):
+    from .errors import FlagError
+
+    return FlagError(msg)
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, default=str)
+        os.replace(tmp, path)
+
+
+def _main(argv: list) -> int:
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "--version"):
+        argv = ["convert"] + argv  # the official command line, program name swapped
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.command is None:
+        parser.print_help()
+        return 2
+    from .progress import Progress
+
+    if a.command == "convert":
+        from .convert import convert
+
+        o = options_from_args(a)
+        prog = Progress(quiet=o.quiet)
+        summary = convert(o, prog)
+        _write_json(a.json_summary, summary)
+        return 0
+    if a.command == "plan":
+        from .plan import build_plan, describe
+
+        o = options_from_args(a)
+        plan = build_plan(o)
+        print(describe(plan))
+        return 0
+    # verify
+    from .memory import peak_rss
+    from .verify import verify
+
+    base = ConvertOptions(load_dir=a.load_dir, fc1_layout=a.fc1_layout, qkv_layout=a.qkv_layout,
+                          max_memory=parse_size(a.max_memory) if a.max_memory else None)
+    report = verify(a.load_dir, a.save_dir, base)
+    d = report.as_dict()
+    d["peak_rss_bytes"] = peak_rss()
+    _write_json(a.json_summary, d)
+    for where, what in report.problems:
+        print(f"MISMATCH {where}: {what}")
+    if not a.quiet:
+        print(f"streamconv verify: {report.files_checked} rank files, {report.tensors_checked} tensors, "
+              f"{report.bytes_compared / 2**20:.1f} MiB compared: "
+              + ("OK" if report.ok else f"{len(report.problems)} problem(s)"))
+    if not report.ok:
+        raise VerifyMismatch(f"{a.save_dir} does not match a conversion of {a.load_dir}: "
+                             f"{len(report.problems)} problem(s) listed above")
+    return 0
+
+
+def main(argv: list | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        return _main(argv)
+    except StreamconvError as e:
+        if debug:
+            raise
+        print(f"streamconv: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("streamconv: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - last line of defence: one line, not a traceback
+        if debug:
+            raise
+        print(f"streamconv: internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback, "
+              "and please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""``convert``: plan from headers, then stream every PP stage into its rank files.
+
+This is the library entry point the CLI wraps. It returns the run's summary (a
+dict of figures, also written by ``--json-summary``). All refusals happen in
+:func:`~streamconv.plan.build_plan` and :meth:`SaveDir.open` before anything
+is written; faults while writing become :class:`WriteError` with the save
+directory left resumable.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+
+from . import memory
+from .errors import Interrupted, StreamconvError, WriteError
+from .options import ConvertOptions
+from .plan import ARCHIVE_PREFIX, Plan, build_plan
+from .progress import Progress
+from .savedir import SaveDir, check_paths
+from .sizes import human
+from .stream import Sink, Streamer
+from .torchzip import TorchZipWriter
+
+
+class _WriterSink(Sink):
+    def __init__(self, writer: TorchZipWriter):
+        self.w = writer
+
+    def begin(self, entry):
+        self.w.begin_storage(entry.nbytes)
+
+    def data(self, mv):
+        self.w.write(mv)
+
+    def end(self, entry):
+        self.w.end_storage()
+
+
+def _write_error(e: OSError, path: str) -> WriteError:
+    if e.errno == errno.ENOSPC:
+        what = "the disk is full"
+        todo = "free space"
+    elif e.errno == errno.EFBIG:
+        what = "the file-size limit was reached (ulimit -f)"
+        todo = "raise the limit"
+    elif e.errno == errno.EDQUOT:
+        what = "the disk quota is exhausted"
+        todo = "free quota"
+    else:
+        what = e.strerror or str(e)
+        todo = "fix the cause"
+    return WriteError(
+        f"writing {path} failed: {what}; {todo} and rerun the same command with --resume "
+        "(finished rank files are kept)"
+    )
+
+
+class _Signals:
+    """SIGTERM behaves like Ctrl-C; SIGXFSZ must not kill us (the write then fails with EFBIG)."""
+
+    def __enter__(self):
+        self.old = {}
+        for sig, handler in ((signal.SIGTERM, self._term), (signal.SIGXFSZ, signal.SIG_IGN)):
+            try:
+                self.old[sig] = signal.signal(sig, handler)
+            except (ValueError, OSError):  # not the main thread
+                pass
+        return self
+
+    @staticmethod
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+        return False
+
+
+def execute(plan: Plan, progress: Progress) -> dict:
+    """Write every rank file of ``plan`` not already finished; return the figures."""
+    t0 = time.monotonic()
+    sd = SaveDir(plan)
+    sd.open()
+    for n in sd.notes:
+        progress.note(n)
+    written, kept = [], list(sd.kept)
+    todo_bytes = sum(f.data_bytes for f in plan.files if f.relpath not in sd.done)
+    progress.start(todo_bytes)
+    streamer = Streamer(plan.block_bytes, on_bytes=progress.update, on_read=progress.read)
+    current: list = []
+    try:
+        for stage in plan.stages:
+            todo = [f for f in stage.files if f.relpath not in sd.done]
+            if not todo:
+                continue
+            progress.stage(stage, todo)
+            current = []
+            for rf in todo:
+                path = sd.temp_path(rf.relpath)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    w = TorchZipWriter(fd, ARCHIVE_PREFIX, rf.pickle)
+                except OSError as e:
+                    raise _write_error(e, path) from None
+                current.append((rf, fd, w))
+            try:
+                streamer.run_stage([c[0] for c in current], [_WriterSink(c[2]) for c in current])
+                for rf, fd, w in current:
+                    records = w.finish(rf.serialization_id)
+                    if w.offset != rf.size:  # pragma: no cover - planner/writer disagreement is a bug
+                        raise AssertionError(f"{rf.relpath}: wrote {w.offset} bytes, planned {rf.size}")
+                    sd.commit_file(rf.relpath, records, fd)
+                    written.append(rf.relpath)
+                current = []
+            except OSError as e:
+                rf = next((c[0] for c in current), None)
+                where = sd.temp_path(rf.relpath) if rf else plan.options.save_dir
+                raise _write_error(e, where) from None
+        try:
+            sd.finish()
+        except OSError as e:
+            raise _write_error(e, plan.options.save_dir) from None
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted; {len(written) + len(kept)} of {len(plan.files)} rank files are finished in "
+            f"{plan.options.save_dir}; rerun the same command with --resume to finish"
+        ) from None
+    finally:
+        for rf, fd, _ in current:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            sd.discard_temp(rf.relpath)
+        streamer.close()
+        progress.close()
+    wall = time.monotonic() - t0
+    return {
+        "wall_seconds": round(wall, 3),
+        "read_bytes": progress.bytes_read,
+        "written_bytes": sum(f.size for f in plan.files if f.relpath in written),
+        "input_bytes": plan.source.total_bytes,
+        "output_bytes": plan.write_bytes,
+        "read_gb_per_s": round(progress.bytes_read / wall / 1e9, 3) if wall else None,
+        "peak_rss_bytes": memory.peak_rss(),
+        "budget_bytes": plan.budget,
+        "predicted_peak_bytes": plan.predicted_peak,
+        "block_bytes": plan.block_bytes,
+        "files_written": written,
+        "files_kept": kept,
+        "save_dir": plan.options.save_dir,
+        "notes": plan.notes + sd.notes,
+    }
+
+
+def convert(options: ConvertOptions, progress: Progress | None = None) -> dict:
+    """Convert ``options.load_dir`` into a Megatron-LM checkpoint in ``options.save_dir``.
+
+    Returns the summary dict. Raises :class:`~streamconv.errors.StreamconvError`
+    subclasses with one-line messages on bad input, flags, paths or write faults.
+    """
+    progress = progress or Progress(quiet=True)
+    with _Signals():
+        check_paths(options.load_dir, options.save_dir)
+        plan = build_plan(options)
+        progress.announce(plan)
+        summary = execute(plan, progress)
+        if options.verify:
+            from .verify import verify_plan
+
+            report = verify_plan(plan, progress=progress)
+            summary["verify"] = report.as_dict()
+            if not report.ok:
+                raise StreamconvError(
+                    f"verify found {len(report.problems)} problem(s) in {options.save_dir} right after converting; "
+                    "this is a streamconv bug, please report it"
+                )
+    summary["peak_rss_bytes"] = memory.peak_rss()
+    progress.done(summary)
+    return summary
+
+
+__all__ = ["convert", "execute", "human"]
