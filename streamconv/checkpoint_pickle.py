@@ -17,8 +17,6 @@ import collections
 import io
 import pickle
 
-import torch
-
 
 class _StorageRef:
     __slots__ = ("key", "storage_type", "numel")
@@ -36,15 +34,20 @@ class _TensorRef:
         self.storage, self.shape = storage, tuple(shape)
 
     def __reduce_ex__(self, protocol):
+        import torch
+
         stride = []
         acc = 1
         for s in reversed(self.shape):
             stride.append(acc)
             acc *= s
-        stride = tuple(reversed(stride))
+        # Fresh tuple objects, as torch.save makes from tensor.size(): equal shapes must not
+        # share a pickle memo entry, or the bytes would differ from torch.save's.
+        size = tuple(int(s) for s in self.shape)
+        stride = tuple(int(s) for s in reversed(stride))
         return (
             torch._utils._rebuild_tensor_v2,
-            (self.storage, 0, self.shape, stride, False, collections.OrderedDict()),
+            (self.storage, 0, size, stride, False, collections.OrderedDict()),
         )
 
 
@@ -55,12 +58,18 @@ class _Pickler(pickle.Pickler):
         return None
 
 
-STORAGE_TYPES = {"bf16": torch.BFloat16Storage, "uint8": torch.ByteStorage}
 ITEMSIZE = {"bf16": 2, "uint8": 1}
+
+
+def _storage_types() -> dict:
+    import torch  # imported late so that refusals before any work stay fast
+
+    return {"bf16": torch.BFloat16Storage, "uint8": torch.ByteStorage}
 
 
 def build_pickle(args, model_entries: list) -> bytes:
     """``model_entries``: (key, None) or (key, dtype, shape, storage_key) in order."""
+    storage_types = _storage_types()
     model = collections.OrderedDict()
     for e in model_entries:
         if e[1] is None:
@@ -70,7 +79,7 @@ def build_pickle(args, model_entries: list) -> bytes:
         numel = 1
         for s in shape:
             numel *= s
-        model[key] = _TensorRef(_StorageRef(skey, STORAGE_TYPES[dtype], numel), shape)
+        model[key] = _TensorRef(_StorageRef(skey, storage_types[dtype], numel), shape)
     state = {
         "args": args,
         "checkpoint_version": 3.0,

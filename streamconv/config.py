@@ -118,7 +118,7 @@ def resolve_config(index: SourceIndex, o: ConvertOptions) -> ModelConfig:
         raise InputError(f"layer {gap} is missing from {index.load_path} (found layers up to {n_layers - 1}); the checkpoint is incomplete")
     _check_flag("--num-layers", o.num_layers, n_layers, "the number of layers found")
     if o.num_layers is None:
-        notes.append(f"num_layers={n_layers} (from shapes)")
+        notes.append(f"num_layers={n_layers}")
 
     l0 = lambda s: layer_key(0, s)  # noqa: E731
     qkv_split = _shape(index, l0("self_attention.linear_qkv.weight")) is None and _shape(index, l0("self_attention.linear_q.weight")) is not None
@@ -157,7 +157,8 @@ def resolve_config(index: SourceIndex, o: ConvertOptions) -> ModelConfig:
     head_dim = None
     if qk_ln:
         head_dim = qln[0]
-        notes.append("qk_layernorm (from shapes)" if not o.qk_layernorm else "qk_layernorm")
+        if not o.qk_layernorm:
+            notes.append("qk_layernorm")
     if head_dim is None and o.kv_channels:
         head_dim = o.kv_channels
     if head_dim is None and o.num_attention_heads:
@@ -188,9 +189,9 @@ def resolve_config(index: SourceIndex, o: ConvertOptions) -> ModelConfig:
     if nq % ng:
         raise InputError(f"{nq} attention heads are not a multiple of {ng} query groups; the checkpoint is not a GQA model")
     if o.num_attention_heads is None:
-        notes.append(f"num_attention_heads={nq} (from shapes)")
+        notes.append(f"num_attention_heads={nq}")
     if o.num_query_groups is None and ng != nq:
-        notes.append(f"num_query_groups={ng} (from shapes)")
+        notes.append(f"num_query_groups={ng}")
 
     if fc1_split:
         gate = _need(index, l0("mlp.linear_fc1_gate.weight"))
@@ -206,7 +207,7 @@ def resolve_config(index: SourceIndex, o: ConvertOptions) -> ModelConfig:
     if o.swiglu and not gated:
         raise FlagError(f"--swiglu given, but layer 0's linear_fc1 has {ffn} rows = ffn (not 2*ffn): the MLP is not gated")
     if gated and not o.swiglu:
-        notes.append("swiglu (from shapes: linear_fc1 has 2*ffn rows)")
+        notes.append("swiglu (linear_fc1 has 2*ffn rows)")
 
     has = lambda s: l0(s) in index.tensors  # noqa: E731
     lin_bias = [has("self_attention.linear_proj.bias"), has("mlp.linear_fc2.bias")]
@@ -225,7 +226,7 @@ def resolve_config(index: SourceIndex, o: ConvertOptions) -> ModelConfig:
     if add_bias and not qkv_bias:
         raise InputError("the checkpoint has linear biases but no linear_qkv bias; Megatron's add_bias_linear needs it")
     if add_bias and not o.add_bias_linear:
-        notes.append("add_bias_linear (from shapes)")
+        notes.append("add_bias_linear")
 
     norm_bias = has("input_layernorm.bias")
     norm = "LayerNorm" if norm_bias else "RMSNorm"
@@ -233,7 +234,7 @@ def resolve_config(index: SourceIndex, o: ConvertOptions) -> ModelConfig:
         why = "has norm biases" if norm_bias else "has no norm biases (LayerNorm needs them)"
         raise FlagError(f"--normalization {o.normalization} contradicts the checkpoint: layer 0's input_layernorm {why}; it is {norm}")
     if o.normalization is None:
-        notes.append(f"normalization={norm} (from shapes)")
+        notes.append(f"normalization={norm}")
 
     out = index.tensors.get("output_layer.weight")
     tied = out is None

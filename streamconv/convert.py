@@ -21,11 +21,12 @@ from .plan import ARCHIVE_PREFIX, Plan, build_plan
 from .progress import Progress
 from .savedir import SaveDir, check_paths
 from .sizes import human
-from .stream import Sink, Streamer
 from .torchzip import TorchZipWriter
 
 
-class _WriterSink(Sink):
+class _WriterSink:
+    """Stream sink that appends each storage to a rank file's zip writer."""
+
     def __init__(self, writer: TorchZipWriter):
         self.w = writer
 
@@ -82,6 +83,8 @@ class _Signals:
 
 def execute(plan: Plan, progress: Progress) -> dict:
     """Write every rank file of ``plan`` not already finished; return the figures."""
+    from .stream import Streamer  # imports torch
+
     t0 = time.monotonic()
     sd = SaveDir(plan)
     sd.open()
