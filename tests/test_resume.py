@@ -1,0 +1,170 @@
+"""Atomic, resumable output: kill -9 at several points, write faults, then --resume.
+
+The reference for "identical" is an uninterrupted run of the same command; the
+checks are on the files themselves (bytes), the tracker and leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import synth
+from helpers import run_cli, tree
+
+SPEC = synth.ModelSpec(layers=8, hidden=512, ffn=1024, heads=8, groups=4, vocab=4000, files=3)
+FLAGS = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "4",
+         "--num-attention-heads", "8", "--saver-transformer-impl", "local", "--quiet", "--max-memory", "400MB"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    d = tmp_path_factory.mktemp("src")
+    synth.write_checkpoint(str(d), SPEC)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def reference(source, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ref") / "out")
+    run_cli(["convert", "--load-dir", source, "--save-dir", out, *FLAGS])
+    return out
+
+
+def _files(root):
+    return {rel: open(os.path.join(root, rel), "rb").read() for rel in tree(root)}
+
+
+def _input_state(src):
+    return {rel: (os.path.getsize(os.path.join(src, rel)), os.path.getmtime(os.path.join(src, rel))) for rel in tree(src)}
+
+
+def _start(source, save, extra=()):
+    return subprocess.Popen([sys.executable, "-m", "streamconv", "convert", "--load-dir", source,
+                             "--save-dir", save, *FLAGS, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _kill_when(proc, condition, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if condition():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.002)
+    proc.kill()
+    raise AssertionError("condition never met")
+
+
+def _done_count(save):
+    try:
+        return len(json.load(open(os.path.join(save, ".streamconv-partial.json")))["done"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def _any_temp(save):
+    for d, _, files in os.walk(save):
+        if any(f.endswith(".streamconv-partial") and f.startswith("model_optim_rng") for f in files):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("point", ["first_temp_file", "after_first_stage", "after_three_stages"])
+def test_kill9_then_resume_gives_identical_output(point, source, reference, tmp_path):
+    before = _input_state(source)
+    save = str(tmp_path / "out")
+    cond = {
+        "first_temp_file": lambda: _any_temp(save),
+        "after_first_stage": lambda: _done_count(save) >= 2,
+        "after_three_stages": lambda: _done_count(save) >= 6,
+    }[point]
+    proc = _start(source, save)
+    assert _kill_when(proc, cond), "conversion finished before it could be killed"
+    # killed: never looks complete
+    assert not os.path.exists(os.path.join(save, "latest_checkpointed_iteration.txt"))
+    # the same command without --resume refuses and says what to do
+    p = run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS], check=False)
+    assert p.returncode == 2 and "--resume" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS, "--resume"])
+    assert _files(save) == _files(reference)
+    assert _input_state(source) == before
+
+
+def test_resume_with_different_flags_is_refused(source, tmp_path):
+    save = str(tmp_path / "out")
+    proc = _start(source, save)
+    assert _kill_when(proc, lambda: _done_count(save) >= 2)
+    other = [f if f != "4" else "2" for f in FLAGS]  # PP 2 instead of 4
+    p = run_cli(["convert", "--load-dir", source, "--save-dir", save, *other, "--resume"], check=False)
+    assert p.returncode == 2
+    assert "target_pipeline_parallel_size" in p.stderr and "--overwrite" in p.stderr
+
+
+def test_damaged_finished_file_is_redone_on_resume(source, reference, tmp_path):
+    save = str(tmp_path / "out")
+    proc = _start(source, save)
+    assert _kill_when(proc, lambda: _done_count(save) >= 2)
+    done = json.load(open(os.path.join(save, ".streamconv-partial.json")))["done"]
+    victim = os.path.join(save, sorted(done)[0])
+    with open(victim, "r+b") as f:  # flip one byte in the middle of the tensor data
+        f.seek(os.path.getsize(victim) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    p = run_cli(["convert", "--load-dir", source, "--save-dir", save, *[f for f in FLAGS if f != "--quiet"], "--resume"])
+    assert "damaged" in p.stderr or "rewriting" in p.stderr
+    assert _files(save) == _files(reference)
+
+
+def _limit_file_size(nbytes):
+    def f():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return f
+
+
+def test_file_size_limit_fails_cleanly_and_resume_finishes(source, reference, tmp_path):
+    save = str(tmp_path / "out")
+    limit = 3 * 2**20  # smaller than one rank file of stage 0
+    p = subprocess.run([sys.executable, "-m", "streamconv", "convert", "--load-dir", source, "--save-dir", save,
+                        *FLAGS], capture_output=True, text=True, preexec_fn=_limit_file_size(limit))
+    assert p.returncode == 3, p.stderr
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("streamconv: error:") and "file-size limit" in lines[0]
+    assert "--resume" in lines[0] and "Traceback" not in p.stderr
+    assert not os.path.exists(os.path.join(save, "latest_checkpointed_iteration.txt"))
+    assert not _any_temp(save), "the failed temp file must be removed"
+    run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS, "--resume"])
+    assert _files(save) == _files(reference)
+
+
+def test_success_leaves_only_megatron_layout(reference):
+    files = tree(reference)
+    assert "latest_checkpointed_iteration.txt" in files
+    assert all(f == "latest_checkpointed_iteration.txt" or
+               (f.startswith("iter_0000001/mp_rank_") and f.endswith("/model_optim_rng.pt")) for f in files), files
+    assert len(files) == 1 + 2 * 4
+
+
+def test_overwrite_keeps_foreign_files(source, reference, tmp_path):
+    save = tmp_path / "out"
+    save.mkdir()
+    (save / "notes.txt").write_text("mine")
+    p = run_cli(["convert", "--load-dir", source, "--save-dir", str(save), *FLAGS], check=False)
+    assert p.returncode == 2 and "--overwrite" in p.stderr
+    assert tree(str(save)) == ["notes.txt"]
+    run_cli(["convert", "--load-dir", source, "--save-dir", str(save), *FLAGS, "--overwrite"])
+    assert (save / "notes.txt").read_text() == "mine"
+    got = _files(str(save))
+    got.pop("notes.txt")
+    assert got == _files(reference)

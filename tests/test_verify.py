@@ -1,0 +1,99 @@
+"""``streamconv verify`` finds flipped bytes, missing and extra files, wrong layouts and args."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+import synth
+from helpers import run_cli
+from streamconv.rankfile_reader import RankFileReader
+
+SPEC = synth.ModelSpec(layers=4, hidden=128, ffn=256, heads=8, groups=4, vocab=500, bias=True)
+FLAGS = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
+         "--num-attention-heads", "8", "--true-vocab-size", "500", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    src = str(tmp_path_factory.mktemp("src"))
+    synth.write_checkpoint(src, SPEC)
+    out = str(tmp_path_factory.mktemp("ref") / "out")
+    run_cli(["convert", "--load-dir", src, "--save-dir", out, *FLAGS, "--verify"])
+    return src, out
+
+
+def _copy(out, tmp_path):
+    dst = str(tmp_path / "copy")
+    shutil.copytree(out, dst)
+    return dst
+
+
+def test_clean_output_verifies(converted):
+    src, out = converted
+    p = run_cli(["verify", "--load-dir", src, "--save-dir", out])
+    assert "OK" in p.stdout
+
+
+def test_flipped_byte_is_reported_by_file_and_key(converted, tmp_path):
+    src, out = converted
+    dst = _copy(out, tmp_path)
+    rel = "iter_0000001/mp_rank_01_001/model_optim_rng.pt"
+    path = os.path.join(dst, rel)
+    r = RankFileReader(path)
+    key = "decoder.layers.1.mlp.linear_fc2.weight"
+    t = r.state["model"][key]
+    off, size, _ = r.record(t.storage.key)
+    with open(path, "r+b") as f:
+        f.seek(off + 1000)
+        b = f.read(1)
+        f.seek(off + 1000)
+        f.write(bytes([b[0] ^ 0x01]))
+    p = run_cli(["verify", "--load-dir", src, "--save-dir", dst], check=False)
+    assert p.returncode == 1
+    mism = [line for line in p.stdout.splitlines() if line.startswith("MISMATCH")]
+    assert len(mism) == 1 and rel in mism[0] and key in mism[0] and "element 500" in mism[0], p.stdout
+
+
+def test_missing_rank_file_and_tracker(converted, tmp_path):
+    src, out = converted
+    dst = _copy(out, tmp_path)
+    rel = "iter_0000001/mp_rank_00_000/model_optim_rng.pt"
+    os.remove(os.path.join(dst, rel))
+    os.remove(os.path.join(dst, "latest_checkpointed_iteration.txt"))
+    p = run_cli(["verify", "--load-dir", src, "--save-dir", dst], check=False)
+    assert p.returncode == 1
+    assert f"MISMATCH {rel}: missing" in p.stdout
+    assert "latest_checkpointed_iteration.txt: missing" in p.stdout
+
+
+def test_truncated_rank_file(converted, tmp_path):
+    src, out = converted
+    dst = _copy(out, tmp_path)
+    rel = "iter_0000001/mp_rank_00_001/model_optim_rng.pt"
+    path = os.path.join(dst, rel)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    p = run_cli(["verify", "--load-dir", src, "--save-dir", dst], check=False)
+    assert p.returncode == 1 and rel in p.stdout and "unreadable" in p.stdout
+
+
+def test_wrong_layout_flag_is_detected(converted):
+    src, out = converted
+    p = run_cli(["verify", "--load-dir", src, "--save-dir", out, "--fc1-layout", "concat"], check=False)
+    assert p.returncode == 1 and "linear_fc1.weight" in p.stdout
+
+
+def test_leftover_and_unexpected_files(converted, tmp_path):
+    src, out = converted
+    dst = _copy(out, tmp_path)
+    os.makedirs(os.path.join(dst, "iter_0000001", "mp_rank_02_000"))
+    shutil.copy(os.path.join(dst, "iter_0000001/mp_rank_00_000/model_optim_rng.pt"),
+                os.path.join(dst, "iter_0000001/mp_rank_02_000/model_optim_rng.pt"))
+    open(os.path.join(dst, "iter_0000001/mp_rank_00_000/model_optim_rng.pt.streamconv-partial"), "wb").close()
+    p = run_cli(["verify", "--load-dir", src, "--save-dir", dst], check=False)
+    assert p.returncode == 1
+    assert "mp_rank_02_000/model_optim_rng.pt: rank file not expected" in p.stdout
+    assert "leftover temporary file" in p.stdout
