@@ -282,7 +282,8 @@ def describe(plan: Plan) -> str:
                      + (" + embedding" if st.index == 0 else "")
                      + (" + final norm + output layer" if st.index == c.pp - 1 else ""))
         for f in st.files:
-            lines.append(f"  {f.relpath}  {human(f.size)}  ({len(f.entries)} keys, reads {human(f.source_bytes)})")
+            lines.append(f"  {f.relpath}  {f.size} bytes ({human(f.size)}), {len(f.entries)} keys, "
+                         f"reads {human(f.source_bytes)}")
     lines.append(f"read     {human(plan.read_bytes)}   write {human(plan.write_bytes)}")
     lines.append(
         f"memory   budget {human(plan.budget)}{'' if plan.budget_explicit else ' (default: ~one layer)'}, "
