@@ -22,6 +22,7 @@ from .progress import Progress
 from .savedir import SaveDir, check_paths
 from .sizes import human
 from .torchzip import TorchZipWriter
+from .writeback import WritebackPacer
 
 
 class _WriterSink:
@@ -106,7 +107,7 @@ def execute(plan: Plan, progress: Progress) -> dict:
                 path = sd.temp_path(rf.relpath)
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                    w = TorchZipWriter(fd, ARCHIVE_PREFIX, rf.pickle)
+                    w = TorchZipWriter(fd, ARCHIVE_PREFIX, rf.pickle, on_write=WritebackPacer(fd).advance)
                 except OSError as e:
                     raise _write_error(e, path) from None
                 current.append((rf, fd, w))

@@ -11,13 +11,16 @@ pages from this process with ``MADV_DONTNEED`` (the kernel keeps them cached).
 (``MADV_WILLNEED``) so the disk works while the CPU converts.
 
 Tensors whose data offset is not a multiple of their element size (MindSpore
-packs without padding) are copied through an aligned staging buffer.
+packs without padding, and its header length is not padded either) are read in
+place on x86-64/AArch64, whose loads tolerate misalignment, and copied through an
+aligned staging buffer elsewhere (or when ``STREAMCONV_STAGE_UNALIGNED`` is set).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import platform
 import warnings
 
 import numpy as np
@@ -26,6 +29,14 @@ from .errors import InputError
 
 NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 PAGE = mmap.PAGESIZE
+#: Linux >= 5.14: fault a whole range in with one call instead of one trap per page
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+#: x86-64 and AArch64 load unaligned floats correctly (torch's copy kernels use unaligned
+#: vector loads), so misaligned tensors are read in place there; elsewhere they are staged.
+UNALIGNED_OK = platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64") and not os.environ.get(
+    "STREAMCONV_STAGE_UNALIGNED"
+)
 
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
@@ -35,6 +46,7 @@ class MappedFiles:
 
     def __init__(self):
         self._maps: dict = {}
+        self._populate_ok = True
 
     def get(self, path: str) -> mmap.mmap:
         m = self._maps.get(path)
@@ -60,6 +72,20 @@ class MappedFiles:
         b = min(len(m), -(-stop // PAGE) * PAGE)
         if b > a:
             m.madvise(mmap.MADV_DONTNEED, a, b - a)
+
+    def populate(self, path: str, start: int, stop: int) -> None:
+        """Map [start, stop) in one system call (falls back to ordinary page faults)."""
+        if not self._populate_ok:
+            return
+        m = self.get(path)
+        if m is None or stop <= start:
+            return
+        a = (start // PAGE) * PAGE
+        b = min(len(m), stop)
+        try:
+            m.madvise(MADV_POPULATE_READ, a, b - a)
+        except OSError:
+            self._populate_ok = False
 
     def prefetch(self, path: str, start: int, stop: int) -> None:
         m = self.get(path)
@@ -114,7 +140,7 @@ def read_rows(files: MappedFiles, path: str, info, start: int, stop: int, step: 
     if n == 0:
         return np.empty((0, (col1 if col1 is not None else cols) - col0), dtype=dt)
     lo, hi = byte_span(info, start, stop)
-    if lo % itemsize == 0:
+    if lo % itemsize == 0 or UNALIGNED_OK:
         block = np.frombuffer(m, dtype=dt, count=n * cols, offset=lo).reshape(n, cols)
     else:
         nbytes = hi - lo

@@ -185,6 +185,7 @@ class Streamer:
             b = min(p0.stop, a + rows_per_block)
             if b < p0.stop:
                 self.files.prefetch(path, *byte_span(info, b, min(p0.stop, b + rows_per_block)))
+            self.files.populate(path, *byte_span(info, a, b))
             block = read_rows(self.files, path, info, a, b, staging=self.staging)
             for e, s in zip(ents, sinks):
                 p = e.pieces[0]
@@ -233,6 +234,8 @@ class Streamer:
             if j < total:
                 nxt = p.start + min(total, j + per) * step
                 self.files.prefetch(path, *byte_span(info, stop, min(nxt, info.shape[0] if info.shape else 1)))
+            if step == 1:
+                self.files.populate(path, *byte_span(info, start, stop))
             view = read_rows(self.files, path, info, start, stop, step, p.col0, p.col1, self.staging)
             buf = self._take()
             n = self._convert(view, info.dtype, buf)

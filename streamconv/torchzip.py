@@ -128,9 +128,10 @@ class TorchZipWriter:
     descriptor (and its fsync/rename). CRCs are computed as bytes pass.
     """
 
-    def __init__(self, fd: int, prefix: str, pickle_bytes: bytes):
+    def __init__(self, fd: int, prefix: str, pickle_bytes: bytes, on_write=None):
         self.fd = fd
         self.prefix = prefix
+        self.on_write = on_write  # called with the file offset after each write
         self.offset = 0
         self.entries: list = []  # (name bytes, offset, size, crc)
         self._open = None  # [name, offset, expected size, written, crc]
@@ -146,6 +147,8 @@ class TorchZipWriter:
             n = os.write(self.fd, mv)
             mv = mv[n:]
             self.offset += n
+        if self.on_write is not None:
+            self.on_write(self.offset)
 
     def _begin(self, name: str, size: int) -> None:
         assert self._open is None, "record still open"
