@@ -34,6 +34,19 @@ IGNORED = {
 }
 
 
+class UsageError(Exception):
+    """A malformed command line; reported in one line like every other refusal."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the whole usage block
+        raise UsageError(self.prog, message)
+
+
 def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     g = p.add_argument_group("input and output")
     g.add_argument("--load-dir", required=True, help="MindSpore safetensors checkpoint: a file, a directory, an "
@@ -108,7 +121,7 @@ def _run_flags(p: argparse.ArgumentParser, plan_only: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="streamconv",
         description="Stream a MindSpore Transformers safetensors checkpoint into a Megatron-LM core checkpoint.",
     )
@@ -250,6 +263,9 @@ def main(argv: list | None = None) -> int:
             raise
         print(f"streamconv: error: {e}", file=sys.stderr)
         return e.exit_code
+    except UsageError as e:
+        print(f"streamconv: error: {e} (see '{e.prog} --help')", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("streamconv: interrupted", file=sys.stderr)
         return 130

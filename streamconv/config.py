@@ -60,8 +60,9 @@ def padded_vocab(true_vocab: int, divisible_by: int, tp: int) -> int:
 
 
 def _check_flag(flag: str, given, found, what: str) -> None:
+    """``what`` reads "<evidence> gives <quantity>" and is followed by the value found."""
     if given is not None and given != found:
-        raise FlagError(f"{flag} {given} contradicts the checkpoint: {what} is {found}")
+        raise FlagError(f"{flag} {given} contradicts the checkpoint: {what} {found}")
 
 
 def _need(index: SourceIndex, name: str, why: str = ""):
@@ -88,6 +89,8 @@ def resolve_config(index: SourceIndex, o: ConvertOptions) -> ModelConfig:
         raise FlagError(f"--fc1-layout {o.fc1_layout!r}: choose interleaved or concat")
     if o.qkv_layout not in QKV_LAYOUTS:
         raise FlagError(f"--qkv-layout {o.qkv_layout!r}: choose grouped or contiguous")
+    if o.make_vocab_size_divisible_by is None or o.make_vocab_size_divisible_by < 1:
+        raise FlagError(f"--make-vocab-size-divisible-by {o.make_vocab_size_divisible_by}: must be a positive integer")
     tp, pp = o.target_tensor_parallel_size, o.target_pipeline_parallel_size
     if tp is None or tp < 1:
         raise FlagError(f"--target-tensor-parallel-size {tp}: must be a positive integer")
@@ -112,11 +115,11 @@ def resolve_config(index: SourceIndex, o: ConvertOptions) -> ModelConfig:
     layers = sorted({int(k.split(".")[2]) for k in index.tensors if k.startswith("decoder.layers.")})
     if not layers:
         raise InputError(f"{index.load_path}: no transformer layers (decoder.layers.N.* / model.layers.N.*) found")
-    n_layers = layers[-1] + 1
-    if layers != list(range(n_layers)):
-        gap = next(i for i in range(n_layers) if i not in layers)
-        raise InputError(f"layer {gap} is missing from {index.load_path} (found layers up to {n_layers - 1}); the checkpoint is incomplete")
-    _check_flag("--num-layers", o.num_layers, n_layers, "the number of layers found")
+    n_layers = len(layers)
+    if layers[-1] != n_layers - 1:  # sorted distinct indices: a gap somewhere
+        gap = next(i for i, x in enumerate(layers) if x != i)
+        raise InputError(f"layer {gap} is missing from {index.load_path} (found layers up to {layers[-1]}); the checkpoint is incomplete")
+    _check_flag("--num-layers", o.num_layers, n_layers, "the number of layers found is")
     if o.num_layers is None:
         notes.append(f"num_layers={n_layers}")
 
@@ -182,12 +185,17 @@ def resolve_config(index: SourceIndex, o: ConvertOptions) -> ModelConfig:
             "check --num-attention-heads / --num-query-groups"
         )
     nq, ng = q_total // head_dim, kv_total // head_dim
-    _check_flag("--num-attention-heads", o.num_attention_heads, nq, f"with head dim {head_dim}, {proj.name} {list(proj.shape)} gives a head count")
-    _check_flag("--num-query-groups", o.num_query_groups, ng, f"with head dim {head_dim}, layer 0's key/value rows give a query-group count")
+    _check_flag("--num-attention-heads", o.num_attention_heads, nq, f"with head dim {head_dim}, {proj.name} {list(proj.shape)} gives a head count of")
+    _check_flag("--num-query-groups", o.num_query_groups, ng, f"with head dim {head_dim}, layer 0's key/value rows give a query-group count of")
     if o.group_query_attention and ng == nq:
         raise FlagError(f"--group-query-attention given, but the checkpoint has as many key/value heads as query heads ({nq})")
     if nq % ng:
         raise InputError(f"{nq} attention heads are not a multiple of {ng} query groups; the checkpoint is not a GQA model")
+    if nq * head_dim != h:
+        notes.append(
+            f"heads x head dim = {nq} x {head_dim} = {nq * head_dim}, not the hidden size {h} (normal for Qwen3; "
+            "if this file is one rank's slice of per-rank training output, merge it first)"
+        )
     if o.num_attention_heads is None:
         notes.append(f"num_attention_heads={nq}")
     if o.num_query_groups is None and ng != nq:

@@ -24,6 +24,8 @@ OUTPUT_BUFFERS = 4
 BLOCKS_IN_FLIGHT = OUTPUT_BUFFERS + 2
 #: threads, allocator slack, progress bar, plan objects
 MARGIN = 48 * 2**20
+#: the floor is measured anew by each process and varies by a fraction of a MiB
+FLOOR_JITTER = 8 * 2**20
 #: blocks larger than this do not make the stream faster
 MAX_BLOCK = 64 * 2**20
 DEFAULT_HEADROOM = 512 * 2**20
@@ -64,7 +66,7 @@ def plan_blocks(budget: int, floor: int, min_block: int, largest_tensor: int, ex
             raise FlagError(
                 f"--max-memory {human(budget)} is below what this process needs "
                 f"({human(floor)} for Python and its libraries + working blocks); "
-                f"the smallest budget that works is {-(-smallest // 2**20)}MiB"
+                f"the smallest budget that works is {-(-(smallest + FLOOR_JITTER) // 2**20)}MiB"
             )
         budget = smallest
     block = (budget - floor - MARGIN) // BLOCKS_IN_FLIGHT

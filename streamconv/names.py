@@ -76,8 +76,9 @@ _LAYER_LEGACY = {
     "feed_forward.w2.bias": "mlp.linear_fc2.bias",
 }
 
-_MCORE_LAYER_RE = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
-_LEGACY_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# At most 6 digits: a million layers is far beyond any model; longer indices are unknown names.
+_MCORE_LAYER_RE = re.compile(r"decoder\.layers\.(0|[1-9]\d{0,5})\.(.+)")
+_LEGACY_LAYER_RE = re.compile(r"model\.layers\.(0|[1-9]\d{0,5})\.(.+)")
 
 
 @dataclass(frozen=True)

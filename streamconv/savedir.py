@@ -58,8 +58,10 @@ def write_file_atomic(path: str, data: bytes) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
-def check_paths(load_dir: str, save_dir: str | None) -> None:
-    """Refuse unusable save paths before anything is written."""
+def check_paths(load_dir: str, save_dir: str | None, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse unusable load/save paths before anything is read or written."""
+    if not os.path.exists(load_dir):
+        raise PathError(f"--load-dir {load_dir} does not exist; give the checkpoint file or directory")
     if not save_dir:
         raise PathError("--save-dir is required: the directory to write the Megatron checkpoint to")
     src_dir = load_dir if os.path.isdir(load_dir) else os.path.dirname(os.path.abspath(load_dir))
@@ -76,6 +78,23 @@ def check_paths(load_dir: str, save_dir: str | None) -> None:
         probe = os.path.dirname(probe)
     if not os.access(probe, os.W_OK | os.X_OK):
         raise PathError(f"--save-dir {save_dir}: {probe} is not writable")
+    if os.path.isdir(save_dir) and os.listdir(save_dir) and not overwrite:
+        partial = os.path.exists(os.path.join(save_dir, MANIFEST))
+        if not partial:
+            if resume:
+                raise PathError(
+                    f"--save-dir {save_dir} holds no partial streamconv run to resume (no {MANIFEST}); "
+                    "choose an empty directory, or --overwrite to write over it"
+                )
+            raise PathError(
+                f"--save-dir {save_dir} is not empty and is not a partial streamconv output; choose an empty "
+                "directory, or add --overwrite to replace the checkpoint files in it"
+            )
+        if not resume:
+            raise PathError(
+                f"--save-dir {save_dir} holds an interrupted streamconv run; add --resume to finish it "
+                "(or --overwrite to start over)"
+            )
 
 
 class SaveDir:
@@ -90,6 +109,13 @@ class SaveDir:
         self.notes: list = []
 
     # -- opening ----------------------------------------------------------
+    def check(self) -> None:
+        """Every refusal :meth:`open` could make, without writing anything."""
+        o = self.plan.options
+        check_paths(o.load_dir, self.root, o.overwrite, o.resume)
+        if os.path.exists(self.manifest_path) and o.resume and not o.overwrite:
+            self._check_same_run(self._read_manifest(), self.plan.fingerprint())
+
     def open(self) -> None:
         """Decide fresh / resume / overwrite, refusing anything unsafe. Writes only after all checks."""
         o = self.plan.options
@@ -113,6 +139,8 @@ class SaveDir:
                     "(or --overwrite to start over)"
                 )
             self._check_same_run(manifest, fp)
+        if o.resume and manifest is None:
+            self.notes.append(f"--resume: nothing to resume in {self.root}; converting from the start")
         os.makedirs(self.root, exist_ok=True)
         if manifest is not None:
             self._clean_temps(manifest)

@@ -98,11 +98,16 @@ def _read_index_json(path: str) -> dict:
     try:
         with open(path, "r", encoding="utf-8") as f:
             obj = json.load(f)
+    except RecursionError:
+        raise InputError(f"{path}: cannot read the index file (JSON nested too deeply); re-copy or remove it") from None
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read the index file ({e}); re-copy or remove it") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
-    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+    if not isinstance(wm, dict):
         raise InputError(f"{path}: index has no 'weight_map' of tensor name -> file name")
+    for k, v in wm.items():
+        if not isinstance(v, str) or not v or os.path.isabs(v) or ".." in v.split("/"):
+            raise InputError(f"{path}: weight_map entry {k!r} -> {v!r} is not a file name in the checkpoint directory")
     return wm
 
 
@@ -146,6 +151,8 @@ def _resolve(load_path: str, skipped: Skipped):
     """Return (layout description, files, weight_map or None)."""
     if not os.path.exists(load_path):
         raise PathError(f"--load-dir {load_path} does not exist; give the checkpoint file or directory")
+    if not os.path.isfile(load_path) and not os.path.isdir(load_path):
+        raise PathError(f"--load-dir {load_path} is not a file or directory (a device or FIFO?); give the checkpoint")
     if os.path.isfile(load_path):
         base = os.path.basename(load_path)
         if base == HYPER_PARAM_FILE:

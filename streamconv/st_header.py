@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 
@@ -63,6 +64,23 @@ class SafetensorsHeader:
     metadata: dict = field(default_factory=dict)
 
 
+#: no real tensor has more dimensions; a header claiming more is damaged (and
+#: multiplying thousands of dimensions would cost time, not just memory)
+MAX_DIMS = 64
+
+
+def _byte_size(shape: list, itemsize: int, limit: int):
+    """Bytes of ``shape`` x ``itemsize``, or None once it exceeds ``limit`` (no huge numbers built)."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for s in shape:
+        n *= s
+        if n > limit:
+            return None
+    return n
+
+
 def _reject_duplicates(pairs):
     seen = {}
     for k, v in pairs:
@@ -74,6 +92,12 @@ def _reject_duplicates(pairs):
 
 def read_header(path: str) -> SafetensorsHeader:
     """Parse and fully validate the header of the safetensors file at ``path``."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e}); check the path and permissions") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: is not a regular file (a device, FIFO or socket?); point at the checkpoint's files")
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -101,6 +125,10 @@ def read_header(path: str) -> SafetensorsHeader:
     try:
         text = raw.decode("utf-8")
         obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except RecursionError:
+        raise InputError(
+            f"{path}: safetensors header is not valid JSON (nested too deeply); the file is damaged or not safetensors"
+        ) from None
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(
             f"{path}: safetensors header is not valid JSON ({e}); the file is damaged or not safetensors"
@@ -132,10 +160,14 @@ def read_header(path: str) -> SafetensorsHeader:
                 f"{where}: unknown dtype {dtype!r} (known: {', '.join(sorted(DTYPE_SIZES))}); "
                 "the file is damaged or from an unsupported writer"
             )
-        if not isinstance(shape, list) or not all(
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
         ):
-            raise InputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+            shown = repr(shape) if len(repr(shape)) < 80 else repr(shape)[:77] + "..."
+            raise InputError(
+                f"{where}: shape {shown} is not a list of at most {MAX_DIMS} non-negative integers; "
+                "the header is damaged"
+            )
         if (
             not isinstance(offs, list)
             or len(offs) != 2
@@ -148,13 +180,11 @@ def read_header(path: str) -> SafetensorsHeader:
                 f"{where}: data_offsets [{begin}, {end}) lie outside the {data_size}-byte data "
                 "section: the file is truncated or damaged; re-copy it"
             )
-        numel = 1
-        for s in shape:
-            numel *= s
-        expected = numel * DTYPE_SIZES[dtype]
+        expected = _byte_size(shape, DTYPE_SIZES[dtype], data_size)
         if expected != end - begin:
+            claim = f"{expected} bytes" if expected is not None else f"more than the {data_size}-byte data section"
             raise InputError(
-                f"{where}: shape {shape} x {dtype} is {expected} bytes but its data span is "
+                f"{where}: shape x {dtype} is {claim} but its data span is "
                 f"{end - begin} bytes; the header is damaged"
             )
         info = TensorInfo(name, dtype, tuple(shape), data_start + begin, end - begin)
