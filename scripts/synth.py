@@ -89,7 +89,11 @@ def weight_shapes(s: ModelSpec) -> dict:
             out[p + "self_attention.linear_qkv.bias"] = ((nq + 2 * ng) * d,)
         if s.qk_layernorm:
             out[p + "self_attention.q_layernorm.weight"] = (d,)
+            if s.norm == "LayerNorm":
+                out[p + "self_attention.q_layernorm.bias"] = (d,)
             out[p + "self_attention.k_layernorm.weight"] = (d,)
+            if s.norm == "LayerNorm":
+                out[p + "self_attention.k_layernorm.bias"] = (d,)
         out[p + "self_attention.linear_proj.weight"] = (h, nq * d)
         if s.bias:
             out[p + "self_attention.linear_proj.bias"] = (h,)

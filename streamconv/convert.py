@@ -82,6 +82,70 @@ class _Signals:
         return False
 
 
+class _Committer:
+    """Makes finished rank files durable (fsync, rename, manifest) on a background thread.
+
+    Waiting for the disk at the end of each PP stage would stall the stream for
+    as long as the kernel needs to write out the stage; doing it here lets the
+    next stage convert meanwhile. Order is kept, and the tracker is only written
+    after :meth:`drain`.
+    """
+
+    def __init__(self, sd: SaveDir):
+        import queue
+        import threading
+
+        self.sd = sd
+        self.q: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.abort = False
+        self.committed: list = []
+        self.pending: list = []  # (rf, fd) submitted, not yet committed
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="streamconv-commit", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            rf, fd, records = item
+            if self.error is None and not self.abort:
+                try:
+                    self.sd.commit_file(rf.relpath, records, fd)
+                    with self.lock:
+                        self.committed.append(rf.relpath)
+                        self.pending = [p for p in self.pending if p[0] is not rf]
+                except OSError as e:
+                    self.error = _write_error(e, self.sd.temp_path(rf.relpath))
+                except BaseException as e:  # noqa: BLE001 - reported by check()
+                    self.error = e
+
+    def submit(self, rf, fd, records) -> None:
+        self.check()
+        with self.lock:
+            self.pending.append((rf, fd))
+        self.q.put((rf, fd, records))
+
+    def check(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def drain(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        self.check()
+
+    def abandon(self) -> list:
+        """Stop after the file being committed; return the (rf, fd) never committed."""
+        self.abort = True
+        self.q.put(None)
+        self.thread.join()
+        return list(self.pending)
+
+
 def execute(plan: Plan, progress: Progress) -> dict:
     """Write every rank file of ``plan`` not already finished; return the figures."""
     from .stream import Streamer  # imports torch
@@ -95,7 +159,9 @@ def execute(plan: Plan, progress: Progress) -> dict:
     todo_bytes = sum(f.data_bytes for f in plan.files if f.relpath not in sd.done)
     progress.start(todo_bytes)
     streamer = Streamer(plan.block_bytes, on_bytes=progress.update, on_read=progress.read)
+    committer = _Committer(sd)
     current: list = []
+    finished = False
     try:
         for stage in plan.stages:
             todo = [f for f in stage.files if f.relpath not in sd.done]
@@ -113,28 +179,34 @@ def execute(plan: Plan, progress: Progress) -> dict:
                 current.append((rf, fd, w))
             try:
                 streamer.run_stage([c[0] for c in current], [_WriterSink(c[2]) for c in current])
-                for rf, fd, w in current:
+                while current:
+                    rf, fd, w = current[0]
                     records = w.finish(rf.serialization_id)
                     if w.offset != rf.size:  # pragma: no cover - planner/writer disagreement is a bug
                         raise AssertionError(f"{rf.relpath}: wrote {w.offset} bytes, planned {rf.size}")
-                    sd.commit_file(rf.relpath, records, fd)
-                    written.append(rf.relpath)
-                current = []
+                    committer.submit(rf, fd, records)
+                    current.pop(0)
             except OSError as e:
                 rf = next((c[0] for c in current), None)
                 where = sd.temp_path(rf.relpath) if rf else plan.options.save_dir
                 raise _write_error(e, where) from None
         try:
+            committer.drain()
+            written = list(committer.committed)
             sd.finish()
+            finished = True
         except OSError as e:
             raise _write_error(e, plan.options.save_dir) from None
     except KeyboardInterrupt:
         raise Interrupted(
-            f"interrupted; {len(written) + len(kept)} of {len(plan.files)} rank files are finished in "
+            f"interrupted; {len(committer.committed) + len(kept)} of {len(plan.files)} rank files are finished in "
             f"{plan.options.save_dir}; rerun the same command with --resume to finish"
         ) from None
     finally:
-        for rf, fd, _ in current:
+        leftovers = [(rf, fd) for rf, fd, _ in current]
+        if not finished:
+            leftovers += committer.abandon()
+        for rf, fd in leftovers:
             try:
                 os.close(fd)
             except OSError:

@@ -7,7 +7,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
 
 
 def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", help="run multi-GB tests")
+    parser.addoption("--run-slow", action="store_true", help="run slow tests (multi-GB files, real Megatron)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -15,7 +15,7 @@ def pytest_collection_modifyitems(config, items):
 
     if config.getoption("--run-slow"):
         return
-    skip = pytest.mark.skip(reason="multi-GB test: pass --run-slow")
+    skip = pytest.mark.skip(reason="slow test: pass --run-slow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
