@@ -78,3 +78,9 @@ class Progress:
             f"peak RSS {human(s['peak_rss_bytes'])} of {human(s['budget_bytes'])} budget",
             file=sys.stdout, flush=True,
         )
+        if s.get("notes"):
+            # the run's surprises in one block: assumed layouts, skipped entries, vocab padding
+            print("streamconv: notes:", file=sys.stdout)
+            for n in s["notes"]:
+                print(f"  - {n}", file=sys.stdout)
+            sys.stdout.flush()
