@@ -211,7 +211,11 @@ def execute(plan: Plan, progress: Progress) -> dict:
                 os.close(fd)
             except OSError:
                 pass
-            sd.discard_temp(rf.relpath)
+        if not finished:
+            # Every temporary file of this run goes, including one whose creation an
+            # interrupt cut short before it was tracked; finished rank files stay.
+            for rf in plan.files:
+                sd.discard_temp(rf.relpath)
         streamer.close()
         progress.close()
     wall = time.monotonic() - t0

@@ -72,8 +72,9 @@ class Progress:
         wall = s["wall_seconds"] or 1e-9
         files = len(s["files_written"])
         kept = f" ({len(s['files_kept'])} kept from the interrupted run)" if s["files_kept"] else ""
+        took = f"{wall:.1f}" if wall >= 10 else f"{wall:.2f}"
         print(
-            f"streamconv: done in {wall:.1f} s: read {human(s['read_bytes'])} "
+            f"streamconv: done in {took} s: read {human(s['read_bytes'])} "
             f"({s['read_bytes'] / wall / 1e9:.2f} GB/s), wrote {files} rank files{kept} to {s['save_dir']}; "
             f"peak RSS {human(s['peak_rss_bytes'])} of {human(s['budget_bytes'])} budget",
             file=sys.stdout, flush=True,

@@ -58,6 +58,22 @@ def write_file_atomic(path: str, data: bytes) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
+def only_streamconv_leftovers(save_dir: str) -> bool:
+    """True if ``save_dir`` holds nothing but what a run killed before its first manifest leaves.
+
+    That is: streamconv temporary files (the manifest's own temp file included) and
+    empty directories of the checkpoint layout. Such a directory is treated as a
+    partial run that was interrupted at its very start.
+    """
+    for d, dirs, files in os.walk(save_dir):
+        rel = os.path.relpath(d, save_dir)
+        if rel != "." and not (rel == ITERATION_DIR or rel.startswith(ITERATION_DIR + os.sep + "mp_rank_")):
+            return False
+        if any(not f.endswith(TEMP_SUFFIX) for f in files):
+            return False
+    return True
+
+
 def check_paths(load_dir: str, save_dir: str | None, overwrite: bool = False, resume: bool = False) -> None:
     """Refuse unusable load/save paths before anything is read or written."""
     if not os.path.exists(load_dir):
@@ -79,7 +95,7 @@ def check_paths(load_dir: str, save_dir: str | None, overwrite: bool = False, re
     if not os.access(probe, os.W_OK | os.X_OK):
         raise PathError(f"--save-dir {save_dir}: {probe} is not writable")
     if os.path.isdir(save_dir) and os.listdir(save_dir) and not overwrite:
-        partial = os.path.exists(os.path.join(save_dir, MANIFEST))
+        partial = os.path.exists(os.path.join(save_dir, MANIFEST)) or only_streamconv_leftovers(save_dir)
         if not partial:
             if resume:
                 raise PathError(
@@ -122,6 +138,14 @@ class SaveDir:
         fp = self.plan.fingerprint()
         existing = os.path.isdir(self.root) and os.listdir(self.root)
         manifest = self._read_manifest() if existing and os.path.exists(self.manifest_path) else None
+        if existing and manifest is None and only_streamconv_leftovers(self.root):
+            if not (o.resume or o.overwrite):
+                raise PathError(
+                    f"--save-dir {self.root} holds an interrupted streamconv run; add --resume to finish it "
+                    "(or --overwrite to start over)"
+                )
+            self._clean_leftovers()
+            existing = False
         if existing and manifest is None and not o.overwrite:
             if o.resume:
                 raise PathError(
@@ -181,14 +205,22 @@ class SaveDir:
                 "(size, time or file list); --overwrite to start over"
             )
 
+    def _clean_leftovers(self) -> None:
+        """Remove the temp files of a run killed before it wrote its manifest."""
+        for d, _, files in os.walk(self.root):
+            for f in files:
+                if f.endswith(TEMP_SUFFIX):
+                    os.remove(os.path.join(d, f))
+
     def _clean_temps(self, manifest: dict) -> None:
         for rel in manifest["fingerprint"].get("files", {}):
             tmp = os.path.join(self.root, rel) + TEMP_SUFFIX
             if os.path.exists(tmp):
                 os.remove(tmp)
-        tmp = os.path.join(self.root, TRACKER) + TEMP_SUFFIX
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for name in (TRACKER, MANIFEST):
+            tmp = os.path.join(self.root, name) + TEMP_SUFFIX
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def _keep_intact(self, manifest: dict) -> None:
         for rel, rec in manifest.get("done", {}).items():

@@ -168,3 +168,62 @@ def test_overwrite_keeps_foreign_files(source, reference, tmp_path):
     got = _files(str(save))
     got.pop("notes.txt")
     assert got == _files(reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_exits_130_cleanly_and_resume_finishes(sig, source, reference, tmp_path):
+    save = str(tmp_path / "out")
+    proc = _start(source, save)
+    t0 = time.time()
+    while not _any_temp(save):
+        assert proc.poll() is None and time.time() - t0 < 120, "no temp file appeared"
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [x for x in err.decode().splitlines() if x.strip()]
+    assert lines[-1].startswith("streamconv: error: interrupted") and "--resume" in lines[-1]
+    assert b"Traceback" not in err
+    assert not os.path.exists(os.path.join(save, "latest_checkpointed_iteration.txt"))
+    assert not _any_temp(save)
+    run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS, "--resume"])
+    assert _files(save) == _files(reference)
+
+
+def test_killed_before_the_first_manifest_resumes(source, reference, tmp_path):
+    """A kill while the very first manifest is being written leaves only its temp file."""
+    save = tmp_path / "out"
+    save.mkdir()
+    (save / ".streamconv-partial.json.streamconv-partial").write_bytes(b'{"streamc')
+    p = run_cli(["convert", "--load-dir", source, "--save-dir", str(save), *FLAGS], check=False)
+    assert p.returncode == 2 and "--resume" in p.stderr
+    run_cli(["convert", "--load-dir", source, "--save-dir", str(save), *FLAGS, "--resume"])
+    assert _files(str(save)) == _files(reference)
+
+
+def test_killed_between_tracker_and_manifest_removal(source, reference, tmp_path):
+    """Tracker written, manifest not yet removed: rerun asks for --resume, which checks and tidies up."""
+    import shutil
+    import zipfile
+
+    from streamconv.cli import build_parser, options_from_args
+    from streamconv.plan import build_plan
+
+    save = str(tmp_path / "out")
+    shutil.copytree(reference, save)
+    argv = ["convert", "--load-dir", source, "--save-dir", save, *FLAGS]
+    plan = build_plan(options_from_args(build_parser().parse_args(argv)))
+    done = {}
+    for rel in tree(save):
+        if rel.endswith(".pt"):
+            infos = zipfile.ZipFile(os.path.join(save, rel)).infolist()
+            done[rel] = {"size": os.path.getsize(os.path.join(save, rel)),
+                         "records": [[i.filename, i.file_size, i.CRC] for i in infos]}
+    with open(os.path.join(save, ".streamconv-partial.json"), "w") as f:
+        json.dump({"streamconv": 1, "fingerprint": plan.fingerprint(), "done": done}, f, default=str)
+    p = run_cli(argv, check=False)
+    assert p.returncode == 2 and "--resume" in p.stderr
+    p = run_cli([*argv, "--resume", "--json-summary", str(tmp_path / "s.json")])
+    s = json.load(open(tmp_path / "s.json"))
+    assert s["files_written"] == [] and len(s["files_kept"]) == 8
+    assert _files(save) == _files(reference)
