@@ -246,7 +246,9 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> dict:
     progress = progress or Progress(quiet=True)
     with _Signals():
         check_paths(options.load_dir, options.save_dir, options.overwrite, options.resume)
-        plan = build_plan(options)
+        from . import prefetch
+
+        plan = build_plan(options, on_source=prefetch.start)
         SaveDir(plan).check()  # resume/overwrite refusals, before anything is announced
         progress.announce(plan)
         summary = execute(plan, progress)

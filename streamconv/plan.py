@@ -188,13 +188,19 @@ def _vocab_notes(cfg: ModelConfig) -> list:
     return []
 
 
-def build_plan(o: ConvertOptions, floor: int | None = None) -> Plan:
-    """Index the checkpoint's headers, resolve the model and lay out every rank file."""
+def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> Plan:
+    """Index the checkpoint's headers, resolve the model and lay out every rank file.
+
+    ``on_source(index)`` is called once the headers are read and the model checked,
+    before torch is imported (``convert`` starts prefetching the input there).
+    """
     _resolve_vocab_file(o)
     if o.target_expert_parallel_size not in (None, 1):
         raise FlagError(f"--target-expert-parallel-size {o.target_expert_parallel_size}: these are dense models; use 1")
     index = index_checkpoint(o.load_dir)
     cfg = resolve_config(index, o)
+    if on_source is not None:
+        on_source(index)
     src = index.tensors
     input_fp = index.fingerprint()
     seed_opts = {k: v for k, v in o.fingerprint().items() if k != "load_dir"}
