@@ -52,89 +52,83 @@ def _bytes(key, data):
 
 def layer_entries(cfg: ModelConfig, src: dict, i_src: int, i_out: int, impl: str,
                   fc1_layout: str, qkv_layout: str) -> list:
-    """Entries of source layer ``i_src``, written as layer ``i_out`` of its PP stage."""
-    S = lambda s: src[layer_key(i_src, s)]  # noqa: E731
-    K = lambda s: layer_key(i_out, s)  # noqa: E731
+    """Entries of source layer ``i_src``, written as layer ``i_out`` of its PP stage, in Megatron's order."""
+    S = lambda s: src[layer_key(i_src, s)]  # noqa: E731  source tensor of this layer
+    K = lambda s: layer_key(i_out, s)  # noqa: E731  output key of this layer
     te = impl == "transformer_engine"
-    bias = cfg.add_bias_linear
-    nb = cfg.norm_has_bias
-    out: list = []
+    ffn = cfg.ffn_hidden_size
 
-    def rep(s):
-        t = S(s)
+    def replicated(suffix):
+        t = S(suffix)
         return lambda r, R, t=t: M.replicated(t, r, R)
 
-    def norm(local_name, te_name):
-        w = _t(K(te_name + "_weight") if te else K(local_name + ".weight"), rep(local_name + ".weight"), 1)
-        res = [w]
-        if nb:
-            res.append(_t(K(te_name + "_bias") if te else K(local_name + ".bias"), rep(local_name + ".bias"), 1))
-        return res
+    def extra_state(module):
+        key = K(f"{module}._extra_state")
+        return _bytes(key, TE_MODULE_EXTRA_STATE) if te else _none(key)
 
-    # -- attention ----------------------------------------------------------
-    if not te:
-        out += norm("input_layernorm", "")
-    else:
-        out.append(_bytes(K("self_attention.core_attention._extra_state"), TE_MODULE_EXTRA_STATE))
-    proj = S("self_attention.linear_proj.weight")
-    out.append(_t(K("self_attention.linear_proj.weight"), lambda r, R, t=proj: M.split_cols(t, r, R), 2))
-    if bias:
-        out.append(_t(K("self_attention.linear_proj.bias"), rep("self_attention.linear_proj.bias"), 1))
-    out.append(_bytes(K("self_attention.linear_proj._extra_state"), TE_MODULE_EXTRA_STATE) if te
-               else _none(K("self_attention.linear_proj._extra_state")))
-    if te:
-        out.append(_t(K("self_attention.linear_qkv.layer_norm_weight"), rep("input_layernorm.weight"), 1))
-        if nb:
-            out.append(_t(K("self_attention.linear_qkv.layer_norm_bias"), rep("input_layernorm.bias"), 1))
-    for part, ndim in (("weight", 2), ("bias", 1)):
-        if part == "bias" and not cfg.add_qkv_bias:
-            continue
-        if cfg.qkv_split:
+    def norm(module, has_bias, out_module=None, te_extra=False):
+        """A norm's weight (+ bias); TE fuses input/pre-MLP norms into the next linear layer."""
+        out_w, out_b = (f"{out_module}.layer_norm_weight", f"{out_module}.layer_norm_bias") if out_module \
+            else (f"{module}.weight", f"{module}.bias")
+        ents = [_t(K(out_w), replicated(f"{module}.weight"), 1)]
+        if has_bias:
+            ents.append(_t(K(out_b), replicated(f"{module}.bias"), 1))
+        if te_extra:
+            ents.append(_bytes(K(f"{module}._extra_state"), TE_NORM_EXTRA_STATE))
+        return ents
+
+    def column_parallel(module, rule_for, has_bias):
+        """linear_qkv / linear_fc1: rows split per rank by the given rule, bias likewise."""
+        ents = [_t(K(f"{module}.weight"), rule_for("weight"), 2)]
+        if has_bias:
+            ents.append(_t(K(f"{module}.bias"), rule_for("bias"), 1))
+        return ents + [extra_state(module)]
+
+    def row_parallel(module):
+        """linear_proj / linear_fc2: columns split per rank; the bias is added once, so it is replicated."""
+        w = S(f"{module}.weight")
+        ents = [_t(K(f"{module}.weight"), lambda r, R, t=w: M.split_cols(t, r, R), 2)]
+        if cfg.add_bias_linear:
+            ents.append(_t(K(f"{module}.bias"), replicated(f"{module}.bias"), 1))
+        return ents + [extra_state(module)]
+
+    def qkv_rule(part):
+        if cfg.qkv_split:  # legacy wq / wk / wv
             q, k, v = (S(f"self_attention.linear_{x}.{part}") for x in "qkv")
-            rule = lambda r, R, q=q, k=k, v=v: M.qkv_split(q, k, v, cfg, r, R)  # noqa: E731
-        else:
-            t = S(f"self_attention.linear_qkv.{part}")
-            rule = lambda r, R, t=t: M.qkv_fused(t, cfg, qkv_layout, r, R)  # noqa: E731
-        out.append(_t(K(f"self_attention.linear_qkv.{part}"), rule, ndim))
-    out.append(_bytes(K("self_attention.linear_qkv._extra_state"), TE_MODULE_EXTRA_STATE) if te
-               else _none(K("self_attention.linear_qkv._extra_state")))
-    if cfg.qk_layernorm:
-        for which in ("q_layernorm", "k_layernorm"):
-            out.append(_t(K(f"self_attention.{which}.weight"), rep(f"self_attention.{which}.weight"), 1))
-            if nb:
-                out.append(_t(K(f"self_attention.{which}.bias"), rep(f"self_attention.{which}.bias"), 1))
-            if te:
-                out.append(_bytes(K(f"self_attention.{which}._extra_state"), TE_NORM_EXTRA_STATE))
+            return lambda r, R: M.qkv_split(q, k, v, cfg, r, R)
+        t = S(f"self_attention.linear_qkv.{part}")
+        return lambda r, R: M.qkv_fused(t, cfg, qkv_layout, r, R)
 
-    # -- MLP ----------------------------------------------------------------
-    if not te:
-        out += norm("pre_mlp_layernorm", "")
-    else:
-        out.append(_t(K("mlp.linear_fc1.layer_norm_weight"), rep("pre_mlp_layernorm.weight"), 1))
-        if nb:
-            out.append(_t(K("mlp.linear_fc1.layer_norm_bias"), rep("pre_mlp_layernorm.bias"), 1))
-    ffn = cfg.ffn_hidden_size
-    for part, ndim in (("weight", 2), ("bias", 1)):
-        if part == "bias" and not bias:
-            continue
-        if cfg.fc1_split:
+    def fc1_rule(part):
+        if cfg.fc1_split:  # legacy w1 / w3
             g, u = S(f"mlp.linear_fc1_gate.{part}"), S(f"mlp.linear_fc1_up.{part}")
-            rule = lambda r, R, g=g, u=u: M.fc1_split(g, u, ffn, r, R)  # noqa: E731
-        elif cfg.swiglu:
-            t = S(f"mlp.linear_fc1.{part}")
-            rule = lambda r, R, t=t: M.fc1_gated(t, ffn, fc1_layout, r, R)  # noqa: E731
-        else:
-            t = S(f"mlp.linear_fc1.{part}")
-            rule = lambda r, R, t=t: M.split_rows(t, r, R)  # noqa: E731
-        out.append(_t(K(f"mlp.linear_fc1.{part}"), rule, ndim))
-    out.append(_bytes(K("mlp.linear_fc1._extra_state"), TE_MODULE_EXTRA_STATE) if te
-               else _none(K("mlp.linear_fc1._extra_state")))
-    fc2 = S("mlp.linear_fc2.weight")
-    out.append(_t(K("mlp.linear_fc2.weight"), lambda r, R, t=fc2: M.split_cols(t, r, R), 2))
-    if bias:
-        out.append(_t(K("mlp.linear_fc2.bias"), rep("mlp.linear_fc2.bias"), 1))
-    out.append(_bytes(K("mlp.linear_fc2._extra_state"), TE_MODULE_EXTRA_STATE) if te
-               else _none(K("mlp.linear_fc2._extra_state")))
+            return lambda r, R: M.fc1_split(g, u, ffn, r, R)
+        t = S(f"mlp.linear_fc1.{part}")
+        if cfg.swiglu:
+            return lambda r, R: M.fc1_gated(t, ffn, fc1_layout, r, R)
+        return lambda r, R: M.split_rows(t, r, R)
+
+    nb = cfg.norm_has_bias
+    out: list = []
+    # TransformerLayer: input_layernorm, self_attention(core_attention, linear_proj, linear_qkv,
+    # q_layernorm, k_layernorm), pre_mlp_layernorm, mlp(linear_fc1, linear_fc2)
+    if te:
+        out.append(_bytes(K("self_attention.core_attention._extra_state"), TE_MODULE_EXTRA_STATE))
+    else:
+        out += norm("input_layernorm", nb)
+    out += row_parallel("self_attention.linear_proj")
+    if te:
+        out += norm("input_layernorm", nb, out_module="self_attention.linear_qkv")
+    out += column_parallel("self_attention.linear_qkv", qkv_rule, cfg.add_qkv_bias)
+    if cfg.qk_layernorm:
+        out += norm("self_attention.q_layernorm", nb, te_extra=te)
+        out += norm("self_attention.k_layernorm", nb, te_extra=te)
+    if te:
+        out += norm("pre_mlp_layernorm", nb, out_module="mlp.linear_fc1")
+    else:
+        out += norm("pre_mlp_layernorm", nb)
+    out += column_parallel("mlp.linear_fc1", fc1_rule, cfg.add_bias_linear)
+    out += row_parallel("mlp.linear_fc2")
     return out
 
 

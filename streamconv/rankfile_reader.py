@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import io
+import math
 import pickle
 import struct
 import zipfile
@@ -40,10 +42,7 @@ class TensorRecord:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def contiguous(self) -> bool:
@@ -104,17 +103,8 @@ class RankFileReader:
                         raise zipfile.BadZipFile(f"bad local header for {i.filename}")
                     n, e = struct.unpack("<HH", hdr[26:30])
                     self.records[i.filename] = (i.header_offset + 30 + n + e, i.file_size, i.CRC)
-            self.state = _Unpickler(_BytesReader(z.read(f"{self.prefix}/data.pkl"))).load()
+            self.state = _Unpickler(io.BytesIO(z.read(f"{self.prefix}/data.pkl"))).load()
 
     def record(self, storage_key: str) -> tuple:
         """(data offset, size, crc) of the storage record ``storage_key``."""
         return self.records[f"{self.prefix}/data/{storage_key}"]
-
-
-class _BytesReader:
-    def __init__(self, data: bytes):
-        import io
-
-        self._f = io.BytesIO(data)
-        self.read = self._f.read
-        self.readline = self._f.readline

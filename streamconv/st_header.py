@@ -12,6 +12,7 @@ reference ``safetensors`` implementation).
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import struct
@@ -49,10 +50,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass

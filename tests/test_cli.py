@@ -89,3 +89,40 @@ def test_library_api_returns_summary(source, tmp_path):
     s = convert(o)
     assert s["files_written"] == ["iter_0000001/mp_rank_00/model_optim_rng.pt"]
     assert s["read_bytes"] > 0 and s["wall_seconds"] > 0
+
+
+def test_transformer_engine_key_order(tmp_path):
+    """TE spec order (Megatron's module registration order; TE LayerNormLinear registers its norm first)."""
+    spec = synth.ModelSpec(layers=2, hidden=32, ffn=48, heads=4, groups=2, vocab=128, norm="LayerNorm",
+                           bias=True, qk_layernorm=True, head_dim=8)
+    src = str(tmp_path / "src")
+    synth.write_checkpoint(src, spec)
+    save = str(tmp_path / "out")
+    run_cli(["convert", "--load-dir", src, "--save-dir", save, "--quiet", "--target-pipeline-parallel-size", "2",
+             "--saver-transformer-impl", "transformer_engine"])
+    m = torch.load(os.path.join(save, "iter_0000001/mp_rank_00_001/model_optim_rng.pt"), weights_only=False)["model"]
+    layer = [
+        "self_attention.core_attention._extra_state",
+        "self_attention.linear_proj.weight", "self_attention.linear_proj.bias", "self_attention.linear_proj._extra_state",
+        "self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.layer_norm_bias",
+        "self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias", "self_attention.linear_qkv._extra_state",
+        "self_attention.q_layernorm.weight", "self_attention.q_layernorm.bias", "self_attention.q_layernorm._extra_state",
+        "self_attention.k_layernorm.weight", "self_attention.k_layernorm.bias", "self_attention.k_layernorm._extra_state",
+        "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.layer_norm_bias",
+        "mlp.linear_fc1.weight", "mlp.linear_fc1.bias", "mlp.linear_fc1._extra_state",
+        "mlp.linear_fc2.weight", "mlp.linear_fc2.bias", "mlp.linear_fc2._extra_state",
+    ]
+    want = ["decoder.layers.0." + k for k in layer] + [
+        "decoder.final_layernorm.weight", "decoder.final_layernorm.bias", "decoder.final_layernorm._extra_state",
+        "output_layer.weight", "output_layer._extra_state"]
+    assert list(m) == want
+    empty = torch.empty(0, dtype=torch.uint8)
+    for k in ("self_attention.core_attention._extra_state", "self_attention.linear_qkv._extra_state"):
+        assert torch.equal(m["decoder.layers.0." + k], empty)
+    pickled_empty_dict = torch.tensor([128, 4, 125, 148, 46], dtype=torch.uint8)  # pickle.dumps({}, protocol=4)
+    assert torch.equal(m["decoder.layers.0.self_attention.q_layernorm._extra_state"], pickled_empty_dict)
+    assert torch.equal(m["decoder.final_layernorm._extra_state"], pickled_empty_dict)
+    assert m["output_layer._extra_state"] is None
+    src_w = synth.tensor_values("decoder.layers.1.input_layernorm.weight", (32,), spec.seed, spec.scale)[:, 0]
+    assert torch.equal(m["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"],
+                       torch.from_numpy(src_w).to(torch.bfloat16))
