@@ -152,7 +152,10 @@ def execute(plan: Plan, progress: Progress) -> dict:
 
     t0 = time.monotonic()
     sd = SaveDir(plan)
-    sd.open()
+    try:
+        sd.open()
+    except OSError as e:
+        raise _write_error(e, os.path.join(plan.options.save_dir, ".streamconv-partial.json")) from None
     for n in sd.notes:
         progress.note(n)
     written, kept = [], list(sd.kept)

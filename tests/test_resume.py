@@ -227,3 +227,29 @@ def test_killed_between_tracker_and_manifest_removal(source, reference, tmp_path
     s = json.load(open(tmp_path / "s.json"))
     assert s["files_written"] == [] and len(s["files_kept"]) == 8
     assert _files(save) == _files(reference)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 6 MiB tmpfs to fill up (needs root, as on the CI machine); skipped elsewhere."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6M", "tmpfs", str(mnt)], capture_output=True)
+    if p.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_fails_cleanly_and_resume_finishes(source, reference, small_tmpfs):
+    save = str(small_tmpfs / "out")
+    p = run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS], check=False)
+    assert p.returncode == 3, p.stderr
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("streamconv: error:") and "disk is full" in lines[0]
+    assert "--resume" in lines[0] and "Traceback" not in p.stderr
+    assert not os.path.exists(os.path.join(save, "latest_checkpointed_iteration.txt"))
+    assert not _any_temp(save)
+    subprocess.run(["mount", "-o", "remount,size=200M", str(small_tmpfs)], check=True)
+    run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS, "--resume"])
+    assert _files(save) == _files(reference)

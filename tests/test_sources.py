@@ -155,3 +155,33 @@ def test_files_written_by_mindspore(fixture, tmp_path):
 
 def sd_args(out, r):
     return torch.load(out / f"iter_0000001/mp_rank_{r:02d}/model_optim_rng.pt", weights_only=False)["args"]
+
+
+def test_legacy_fused_names(plain, tmp_path):
+    """Older mindformers names with qkv_concat (w_qkv, w_gate_hidden) read like their mcore twins."""
+    tensors, expected = plain
+    rename = {
+        "embedding.word_embeddings.weight": "model.tok_embeddings.embedding_weight",
+        "output_layer.weight": "lm_head.weight",
+        "decoder.final_layernorm.weight": "model.norm_out.weight",
+    }
+    suffixes = {
+        "input_layernorm.weight": "attention_norm.weight",
+        "pre_mlp_layernorm.weight": "ffn_norm.weight",
+        "self_attention.linear_qkv.weight": "attention.w_qkv.weight",
+        "self_attention.linear_proj.weight": "attention.wo.weight",
+        "mlp.linear_fc1.weight": "feed_forward.w_gate_hidden.weight",
+        "mlp.linear_fc2.weight": "feed_forward.w2.weight",
+    }
+    legacy = {}
+    for name, value in tensors.items():
+        if name in rename:
+            legacy[rename[name]] = value
+        else:
+            _, _, i, suffix = name.split(".", 3)
+            legacy[f"model.layers.{i}.{suffixes[suffix]}"] = value
+    d = tmp_path / "legacy"
+    d.mkdir()
+    np_save(legacy, str(d / "model.safetensors"))
+    run_cli(["convert", "--load-dir", str(d), "--save-dir", str(tmp_path / "out"), *FLAGS])
+    assert _outputs(str(tmp_path / "out")) == expected
