@@ -20,7 +20,6 @@ from .options import ConvertOptions
 from .plan import ARCHIVE_PREFIX, Plan, build_plan
 from .progress import Progress
 from .savedir import SaveDir, check_paths
-from .sizes import human
 from .torchzip import TorchZipWriter
 from .writeback import WritebackPacer
 
@@ -269,5 +268,3 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> dict:
     progress.done(summary)
     return summary
 
-
-__all__ = ["convert", "execute", "human"]

@@ -11,8 +11,6 @@ the prediction ``streamconv plan`` prints and the smallest budget that works.
 
 from __future__ import annotations
 
-import os
-
 import psutil
 
 from .errors import FlagError
@@ -79,7 +77,3 @@ def plan_blocks(budget: int, floor: int, min_block: int, largest_tensor: int, ex
 
 def available_memory() -> int:
     return psutil.virtual_memory().available
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

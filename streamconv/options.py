@@ -52,13 +52,12 @@ class ConvertOptions:
     resume: bool = False
     verify: bool = False
     quiet: bool = False
-    workers: int = 2
     notices: list = field(default_factory=list)
 
     def fingerprint(self) -> dict:
         """The options that decide the output bytes (compared by ``--resume``)."""
         d = asdict(self)
-        for k in ("save_dir", "max_memory", "overwrite", "resume", "verify", "quiet", "workers",
-                  "notices", "loader_transformer_impl"):
+        for k in ("save_dir", "max_memory", "overwrite", "resume", "verify", "quiet", "notices",
+                  "loader_transformer_impl"):
             d.pop(k, None)
         return d

@@ -71,10 +71,6 @@ class RankFile:
     serialization_id: str
 
     @property
-    def storages(self) -> list:
-        return [e for e in self.entries if e.storage_key is not None]
-
-    @property
     def data_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries)
 
@@ -274,7 +270,8 @@ def describe(plan: Plan) -> str:
     """The human-readable schedule printed by ``streamconv plan``."""
     c, o = plan.config, plan.options
     lines = [
-        f"input    {plan.source.load_path} ({plan.source.layout}, {len(plan.source.files)} file(s), "
+        f"input    {plan.source.load_path} ({plan.source.layout}"
+        f"{', legacy mindformers names' if plan.source.legacy_names else ''}, {len(plan.source.files)} file(s), "
         f"{len(plan.source.tensors)} weights, {human(plan.source.total_bytes)})",
         f"model    {c.num_layers} layers, hidden {c.hidden_size}, ffn {c.ffn_hidden_size}, heads {c.num_attention_heads}, "
         f"groups {c.num_query_groups}, head dim {c.kv_channels}, vocab {c.source_vocab} -> {c.padded_vocab_size}, "

@@ -7,7 +7,6 @@ for scripts. ``quiet`` silences everything but errors.
 from __future__ import annotations
 
 import sys
-import threading
 
 from .sizes import human
 
@@ -18,8 +17,6 @@ class Progress:
         self.stream = stream or sys.stderr
         self.bar = None
         self.bytes_read = 0
-        self.bytes_written = 0
-        self._lock = threading.Lock()
 
     def note(self, text: str) -> None:
         if not self.quiet:
@@ -53,8 +50,6 @@ class Progress:
             self.bar.set_description(f"stage {stage.index}")
 
     def update(self, n: int) -> None:
-        with self._lock:
-            self.bytes_written += n
         if self.bar is not None:
             self.bar.update(n)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import memory
-from .errors import InputError, PathError, VerifyMismatch
+from .errors import InputError, PathError
 from .megatron_args import megatron_args
 from .options import ConvertOptions
 from .plan import ITERATION_DIR, RANK_FILE, TRACKER, Plan, build_plan
@@ -288,8 +288,3 @@ def verify(load_dir: str, save_dir: str, base: ConvertOptions | None = None,
     report = verify_plan(plan, progress)
     report.peak_rss = memory.peak_rss()
     return report
-
-
-def raise_on_problems(report: VerifyReport) -> None:
-    if not report.ok:
-        raise VerifyMismatch(f"{len(report.problems)} problem(s) found")
