@@ -105,18 +105,18 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     o.add_argument("--no-checking", action="store_true", help=argparse.SUPPRESS)
 
 
-def _run_flags(p: argparse.ArgumentParser, plan_only: bool = False) -> None:
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """Run flags; ``plan`` accepts them too (so a convert command line can be planned as is)."""
     r = p.add_argument_group("streamconv")
     r.add_argument("--max-memory", metavar="SIZE",
                    help="hard ceiling on peak resident memory, e.g. 2GiB or 1500MB (default: about one layer)")
-    if not plan_only:
-        r.add_argument("--overwrite", action="store_true",
-                       help="write into a non-empty save directory, replacing its checkpoint files")
-        r.add_argument("--resume", action="store_true",
-                       help="finish an interrupted run in --save-dir (same flags and input)")
-        r.add_argument("--verify", action="store_true", help="run 'streamconv verify' after converting")
-        r.add_argument("--quiet", action="store_true", help="no progress output")
-        r.add_argument("--json-summary", metavar="FILE", help="write the run's figures as JSON")
+    r.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty save directory, replacing its checkpoint files")
+    r.add_argument("--resume", action="store_true",
+                   help="finish an interrupted run in --save-dir (same flags and input)")
+    r.add_argument("--verify", action="store_true", help="run 'streamconv verify' after converting")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--json-summary", metavar="FILE", help="write the run's figures as JSON")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(c)
     pl = sub.add_parser("plan", help="read only the headers and print the schedule; writes nothing")
     _model_flags(pl)
-    _run_flags(pl, plan_only=True)
+    _run_flags(pl)
     v = sub.add_parser("verify", help="recompute every output tensor from the source and compare")
     _model_flags(v, verify=True)
     v.add_argument("--max-memory", metavar="SIZE")
