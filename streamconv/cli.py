@@ -99,6 +99,13 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     o.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="accepted; inferred from the presence of output_layer.weight")
     o.add_argument("--tokenizer-type", default="HuggingFaceTokenizer")
+    a = p.add_argument_group("values stored in args that the weights cannot tell (Megatron's flag names; "
+                             "defaults are what the official pipeline writes)")
+    a.add_argument("--rotary-base", type=int, default=10000, help="rope base (Llama 3: 500000, Qwen3: 1000000)")
+    a.add_argument("--rotary-percent", type=float, default=1.0)
+    a.add_argument("--rotary-interleaved", action="store_true")
+    a.add_argument("--attention-dropout", type=float, default=0.1)
+    a.add_argument("--hidden-dropout", type=float, default=0.1)
     o.add_argument("--megatron-path", help=argparse.SUPPRESS)
     o.add_argument("--ms2torch-ckpt-path", help=argparse.SUPPRESS)
     o.add_argument("--max-queue-size", type=int, help=argparse.SUPPRESS)
@@ -180,6 +187,11 @@ def options_from_args(a: argparse.Namespace) -> ConvertOptions:
         untie_embeddings_and_output_weights=a.untie_embeddings_and_output_weights,
         group_query_attention=a.group_query_attention,
         tokenizer_type=a.tokenizer_type,
+        rotary_base=a.rotary_base,
+        rotary_percent=a.rotary_percent,
+        rotary_interleaved=a.rotary_interleaved,
+        attention_dropout=a.attention_dropout,
+        hidden_dropout=a.hidden_dropout,
         fc1_layout=a.fc1_layout,
         qkv_layout=a.qkv_layout,
         max_memory=parse_size(a.max_memory) if a.max_memory else None,

@@ -187,8 +187,6 @@ def resolve_config(index: SourceIndex, o: ConvertOptions) -> ModelConfig:
     nq, ng = q_total // head_dim, kv_total // head_dim
     _check_flag("--num-attention-heads", o.num_attention_heads, nq, f"with head dim {head_dim}, {proj.name} {list(proj.shape)} gives a head count of")
     _check_flag("--num-query-groups", o.num_query_groups, ng, f"with head dim {head_dim}, layer 0's key/value rows give a query-group count of")
-    if o.group_query_attention and ng == nq:
-        raise FlagError(f"--group-query-attention given, but the checkpoint has as many key/value heads as query heads ({nq})")
     if nq % ng:
         raise InputError(f"{nq} attention heads are not a multiple of {ng} query groups; the checkpoint is not a GQA model")
     if nq * head_dim != h:

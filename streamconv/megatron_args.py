@@ -21,8 +21,8 @@ from .options import ConvertOptions
 
 def megatron_args(cfg: ModelConfig, o: ConvertOptions) -> argparse.Namespace:
     ffn = cfg.ffn_hidden_size
-    if o.num_query_groups is not None:
-        groups = o.num_query_groups
+    if o.num_query_groups is not None or o.group_query_attention:
+        groups = o.num_query_groups or cfg.num_query_groups
     else:
         # The official loader keeps the flag's value (None when omitted); for GQA the
         # true group count is needed for the model to load.
@@ -45,13 +45,13 @@ def megatron_args(cfg: ModelConfig, o: ConvertOptions) -> argparse.Namespace:
         ("ffn_hidden_size", ffn),
         ("seq_length", cfg.seq_length),
         ("num_query_groups", groups),
-        ("group_query_attention", cfg.group_query_attention),
+        ("group_query_attention", cfg.group_query_attention or o.group_query_attention),
         ("kv_channels", cfg.kv_channels),
         ("position_embedding_type", cfg.position_embedding_type),
         ("use_rotary_position_embeddings", False),
-        ("rotary_base", 10000),
-        ("rotary_percent", 1.0),
-        ("rotary_interleaved", False),
+        ("rotary_base", o.rotary_base),
+        ("rotary_percent", o.rotary_percent),
+        ("rotary_interleaved", o.rotary_interleaved),
         ("add_bias_linear", cfg.add_bias_linear),
         ("add_qkv_bias", cfg.add_qkv_bias or cfg.add_bias_linear),
         ("squared_relu", False),
@@ -60,8 +60,8 @@ def megatron_args(cfg: ModelConfig, o: ConvertOptions) -> argparse.Namespace:
         ("apply_layernorm_1p", False),
         ("normalization", cfg.normalization),
         ("apply_query_key_layer_scaling", False),
-        ("attention_dropout", 0.1),
-        ("hidden_dropout", 0.1),
+        ("attention_dropout", o.attention_dropout),
+        ("hidden_dropout", o.hidden_dropout),
         ("hybrid_override_pattern", None),
         ("spec", None),
         ("hybrid_attention_ratio", 0.0),

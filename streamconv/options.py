@@ -29,6 +29,13 @@ class ConvertOptions:
     make_vocab_size_divisible_by: int = 128
     vocab_file: str | None = None
     tokenizer_type: str = "HuggingFaceTokenizer"
+    # Megatron's values in ``args`` that the weights cannot tell (defaults: what the official pipeline writes).
+    # Megatron's --use-checkpoint-args takes them from the checkpoint, so e.g. Qwen3 needs --rotary-base 1000000.
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    rotary_interleaved: bool = False
+    attention_dropout: float = 0.1
+    hidden_dropout: float = 0.1
     num_layers: int | None = None
     seq_length: int = 2048
     max_position_embeddings: int | None = None

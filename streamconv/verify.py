@@ -241,6 +241,10 @@ def options_from_output(load_dir: str, save_dir: str, base: ConvertOptions | Non
     o.normalization = a.get("normalization")
     o.make_vocab_size_divisible_by = a.get("make_vocab_size_divisible_by", 128)
     o.tokenizer_type = a.get("tokenizer_type", "HuggingFaceTokenizer")
+    for k in ("rotary_base", "rotary_percent", "rotary_interleaved", "attention_dropout", "hidden_dropout"):
+        if k in a:
+            setattr(o, k, a[k])
+    o.group_query_attention = bool(a.get("group_query_attention", False))
     o.padded_vocab_override = a.get("padded_vocab_size")
     impl = a.get("transformer_impl")
     if impl not in ("local", "transformer_engine"):

@@ -126,3 +126,15 @@ def test_transformer_engine_key_order(tmp_path):
     src_w = synth.tensor_values("decoder.layers.1.input_layernorm.weight", (32,), spec.seed, spec.scale)[:, 0]
     assert torch.equal(m["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"],
                        torch.from_numpy(src_w).to(torch.bfloat16))
+
+
+def test_args_the_weights_cannot_tell(source, tmp_path):
+    """Megatron's --use-checkpoint-args takes rope settings from the file: they must be settable."""
+    save = str(tmp_path / "out")
+    run_cli(["convert", "--load-dir", source, "--save-dir", save, "--num-attention-heads", "4", "--quiet",
+             "--rotary-base", "1000000", "--attention-dropout", "0.0", "--hidden-dropout", "0.0"])
+    a = torch.load(os.path.join(save, "iter_0000001/mp_rank_00/model_optim_rng.pt"), weights_only=False)["args"]
+    assert a.rotary_base == 1000000 and type(a.rotary_base) is int
+    assert a.attention_dropout == 0.0 and a.hidden_dropout == 0.0 and a.rotary_percent == 1.0
+    p = run_cli(["verify", "--load-dir", source, "--save-dir", save])
+    assert "OK" in p.stdout
