@@ -77,6 +77,7 @@ _LAYER_LEGACY = {
 }
 
 # At most 6 digits: a million layers is far beyond any model; longer indices are unknown names.
+_WRAPPED_MCORE = ("model.decoder.", "model.embedding.", "model.output_layer.")
 _MCORE_LAYER_RE = re.compile(r"decoder\.layers\.(0|[1-9]\d{0,5})\.(.+)")
 _LEGACY_LAYER_RE = re.compile(r"model\.layers\.(0|[1-9]\d{0,5})\.(.+)")
 
@@ -101,6 +102,9 @@ def classify(name: str) -> NameClass:
         return NameClass("step")
     if "dropout" in name:
         return NameClass("placeholder")
+    if name.startswith(_WRAPPED_MCORE):
+        # some mindformers wrappers keep the mcore model under ``model.``; same weights
+        name = name[len("model."):]
     if name in _GLOBAL_MCORE:
         return NameClass("weight", _GLOBAL_MCORE[name])
     if name in _GLOBAL_LEGACY:

@@ -185,3 +185,12 @@ def test_legacy_fused_names(plain, tmp_path):
     np_save(legacy, str(d / "model.safetensors"))
     run_cli(["convert", "--load-dir", str(d), "--save-dir", str(tmp_path / "out"), *FLAGS])
     assert _outputs(str(tmp_path / "out")) == expected
+
+
+def test_mcore_names_under_a_model_prefix(plain, tmp_path):
+    tensors, expected = plain
+    d = tmp_path / "wrapped"
+    d.mkdir()
+    np_save({f"model.{n}": v for n, v in tensors.items()}, str(d / "model.safetensors"))
+    run_cli(["convert", "--load-dir", str(d), "--save-dir", str(tmp_path / "out"), *FLAGS])
+    assert _outputs(str(tmp_path / "out")) == expected
