@@ -145,12 +145,12 @@ class _Committer:
         return list(self.pending)
 
 
-def execute(plan: Plan, progress: Progress) -> dict:
+def execute(plan: Plan, progress: Progress, sd: SaveDir | None = None) -> dict:
     """Write every rank file of ``plan`` not already finished; return the figures."""
     from .stream import Streamer  # imports torch
 
     t0 = time.monotonic()
-    sd = SaveDir(plan)
+    sd = sd or SaveDir(plan)
     try:
         sd.open()
     except OSError as e:
@@ -251,9 +251,10 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> dict:
         from . import prefetch
 
         plan = build_plan(options, on_source=prefetch.start)
-        SaveDir(plan).check()  # resume/overwrite refusals, before anything is announced
+        sd = SaveDir(plan)
+        sd.check(paths_checked=True)  # resume refusals, before anything is announced
         progress.announce(plan)
-        summary = execute(plan, progress)
+        summary = execute(plan, progress, sd)
         if options.verify:
             from .verify import verify_plan
 

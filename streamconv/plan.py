@@ -57,7 +57,7 @@ class OutputEntry:
 
     @property
     def source_bytes(self) -> int:
-        return sum(p.nrows // p.repeat * p.ncols * p.src.info.itemsize for p in self.pieces)
+        return sum(p.src_rows * p.ncols * p.src.info.itemsize for p in self.pieces)
 
 
 @dataclass

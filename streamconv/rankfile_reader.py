@@ -84,25 +84,31 @@ class _Unpickler(pickle.Unpickler):
         return StorageRecord(str(key), dtype, itemsize, int(numel))
 
 
+def zip_records(path: str) -> dict:
+    """Record name -> (data offset, size, crc) for every record of a zip archive, in order."""
+    records = {}
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for i in z.infolist():
+            f.seek(i.header_offset)
+            hdr = f.read(30)
+            if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
+                raise zipfile.BadZipFile(f"bad local header for {i.filename}")
+            n, e = struct.unpack("<HH", hdr[26:30])
+            records[i.filename] = (i.header_offset + 30 + n + e, i.file_size, i.CRC)
+    if not records:
+        raise zipfile.BadZipFile("empty archive")
+    return records
+
+
 class RankFileReader:
     """Structure of one rank file: ``state`` (with TensorRecords) and record data offsets."""
 
     def __init__(self, path: str):
         self.path = path
+        self.records = zip_records(path)
+        first = next(iter(self.records))
+        self.prefix = first.split("/", 1)[0]
         with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-            if not infos:
-                raise zipfile.BadZipFile("empty archive")
-            self.prefix = infos[0].filename.split("/", 1)[0]
-            self.records = {}
-            with open(path, "rb") as f:
-                for i in infos:
-                    f.seek(i.header_offset)
-                    hdr = f.read(30)
-                    if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
-                        raise zipfile.BadZipFile(f"bad local header for {i.filename}")
-                    n, e = struct.unpack("<HH", hdr[26:30])
-                    self.records[i.filename] = (i.header_offset + 30 + n + e, i.file_size, i.CRC)
             self.state = _Unpickler(io.BytesIO(z.read(f"{self.prefix}/data.pkl"))).load()
 
     def record(self, storage_key: str) -> tuple:

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 import zlib
 
 from .errors import PathError, WriteError
 from .plan import ITERATION_DIR, TRACKER, Plan
+from .rankfile_reader import zip_records
 
 MANIFEST = ".streamconv-partial.json"
 TEMP_SUFFIX = ".streamconv-partial"
@@ -123,46 +125,37 @@ class SaveDir:
         self.done: dict = {}
         self.kept: list = []
         self.notes: list = []
+        self.checked = False
 
     # -- opening ----------------------------------------------------------
-    def check(self) -> None:
-        """Every refusal :meth:`open` could make, without writing anything."""
+    def check(self, paths_checked: bool = False) -> None:
+        """Every refusal :meth:`open` could make, without writing anything.
+
+        ``paths_checked``: :func:`check_paths` already ran for these options (``convert``
+        calls it before reading any header, to refuse fast).
+        """
         o = self.plan.options
-        check_paths(o.load_dir, self.root, o.overwrite, o.resume)
+        if not paths_checked:
+            check_paths(o.load_dir, self.root, o.overwrite, o.resume)
         if os.path.exists(self.manifest_path) and o.resume and not o.overwrite:
             self._check_same_run(self._read_manifest(), self.plan.fingerprint())
+        self.checked = True
 
     def open(self) -> None:
-        """Decide fresh / resume / overwrite, refusing anything unsafe. Writes only after all checks."""
+        """Prepare fresh / resume / overwrite after :meth:`check`; the first write is the manifest."""
+        if not self.checked:
+            self.check()
         o = self.plan.options
-        fp = self.plan.fingerprint()
-        existing = os.path.isdir(self.root) and os.listdir(self.root)
-        manifest = self._read_manifest() if existing and os.path.exists(self.manifest_path) else None
-        if existing and manifest is None and only_streamconv_leftovers(self.root):
-            if not (o.resume or o.overwrite):
-                raise PathError(
-                    f"--save-dir {self.root} holds an interrupted streamconv run; add --resume to finish it "
-                    "(or --overwrite to start over)"
-                )
-            self._clean_leftovers()
-            existing = False
-        if existing and manifest is None and not o.overwrite:
-            if o.resume:
-                raise PathError(
-                    f"--save-dir {self.root} holds no partial streamconv run to resume (no {MANIFEST}); "
-                    "choose an empty directory, or --overwrite to write over it"
-                )
-            raise PathError(
-                f"--save-dir {self.root} is not empty and is not a partial streamconv output; choose an empty "
-                "directory, or add --overwrite to replace the checkpoint files in it"
-            )
-        if manifest is not None and not o.overwrite:
-            if not o.resume:
-                raise PathError(
-                    f"--save-dir {self.root} holds an interrupted streamconv run; add --resume to finish it "
-                    "(or --overwrite to start over)"
-                )
-            self._check_same_run(manifest, fp)
+        manifest = None
+        if os.path.exists(self.manifest_path):
+            try:
+                manifest = self._read_manifest()
+            except PathError:
+                if not o.overwrite:
+                    raise
+                self._clean_leftovers()  # an unreadable manifest of ours: start over, as asked
+        elif os.path.isdir(self.root) and only_streamconv_leftovers(self.root):
+            self._clean_leftovers()  # killed before its first manifest
         if o.resume and manifest is None:
             self.notes.append(f"--resume: nothing to resume in {self.root}; converting from the start")
         os.makedirs(self.root, exist_ok=True)
@@ -223,9 +216,10 @@ class SaveDir:
                 os.remove(tmp)
 
     def _keep_intact(self, manifest: dict) -> None:
+        planned = {f.relpath for f in self.plan.files}
         for rel, rec in manifest.get("done", {}).items():
             path = os.path.join(self.root, rel)
-            if rel in self.plan.fingerprint()["files"] and self._intact(path, rec):
+            if rel in planned and self._intact(path, rec):
                 self.done[rel] = rec
                 self.kept.append(rel)
             else:
@@ -234,27 +228,23 @@ class SaveDir:
     @staticmethod
     def _intact(path: str, rec: dict) -> bool:
         """Size and every record's CRC must match what was recorded when the file was finished."""
-        import zipfile
-
         try:
             if os.path.getsize(path) != rec["size"]:
                 return False
-            with zipfile.ZipFile(path) as z, open(path, "rb") as f:
-                infos = z.infolist()
-                if [[i.filename, i.file_size, i.CRC] for i in infos] != rec["records"]:
-                    return False
-                for i in infos:
-                    f.seek(i.header_offset + 26)
-                    n, e = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
-                    f.seek(i.header_offset + 30 + n + e)
-                    crc, left = 0, i.file_size
+            records = zip_records(path)
+            if [[n, size, crc] for n, (_, size, crc) in records.items()] != rec["records"]:
+                return False
+            with open(path, "rb") as f:
+                for offset, size, want in records.values():
+                    f.seek(offset)
+                    crc, left = 0, size
                     while left:
                         chunk = f.read(min(left, _READ_CHUNK))
                         if not chunk:
                             return False
                         crc = zlib.crc32(chunk, crc)
                         left -= len(chunk)
-                    if crc != i.CRC:
+                    if crc != want:
                         return False
             return True
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):

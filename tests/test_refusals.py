@@ -254,6 +254,7 @@ MODELS = {
     "ffn127": ModelSpec(layers=2, hidden=64, ffn=127, heads=4, groups=2, vocab=256),
     "vocab255": ModelSpec(layers=2, hidden=64, ffn=128, heads=4, groups=2, vocab=255),
     "layers3": ModelSpec(layers=3, hidden=64, ffn=128, heads=4, groups=2, vocab=256),
+    "tied": ModelSpec(layers=2, hidden=64, ffn=128, heads=4, groups=2, vocab=256, tied=True),
 }
 
 
@@ -612,6 +613,68 @@ def test_hyper_param_offered_as_weights(ws, how):
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_dimension_flag_contradicts_shapes(ws, models, model, flags, flag):
     refuse(ws, ["--load-dir", models[model], "--save-dir", ws.save, *flags], names=[flag], watch=[models[model]])
+
+
+@pytest.mark.parametrize("model,flags,flag", [
+    ("base", BASE_FLAGS + ["--loader", "llama_mistral"], "--loader"),
+    ("base", BASE_FLAGS + ["--saver", "hf"], "--saver"),
+    ("base", BASE_FLAGS + ["--target-expert-parallel-size", "2"], "--target-expert-parallel-size"),
+    ("base", BASE_FLAGS + ["--position-embedding-type", "learned_absolute"], "--position-embedding-type"),
+    ("base", BASE_FLAGS + ["--seq-length", "0"], "--seq-length"),
+    ("base", BASE_FLAGS + ["--seq-length", "4096", "--max-position-embeddings", "2048"], "--max-position-embeddings"),
+    ("base", BASE_FLAGS + ["--target-tensor-parallel-size", "0"], "--target-tensor-parallel-size"),
+    ("base", BASE_FLAGS + ["--target-pipeline-parallel-size", "x"], "--target-pipeline-parallel-size"),
+    ("tied", BASE_FLAGS + ["--untie-embeddings-and-output-weights"], "--untie-embeddings-and-output-weights"),
+    ("base", BASE_FLAGS + ["--fc1-layout", "zigzag"], "--fc1-layout"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_other_flags_refused(ws, models, model, flags, flag):
+    refuse(ws, ["--load-dir", models[model], "--save-dir", ws.save, *flags], names=[flag], watch=[models[model]])
+
+
+def test_vocab_file_unreadable_or_contradicting(ws, models):
+    src = models["base"]
+    missing = ws.root / "vocab.json"
+    refuse(ws, ["--load-dir", src, "--save-dir", ws.save, *BASE_FLAGS, "--vocab-file", missing],
+           names=["--vocab-file"], watch=[src])
+    vocab = ws.root / "vocab5.json"
+    vocab.write_text(json.dumps({f"t{i}": i for i in range(5)}))
+    refuse(ws, ["--load-dir", src, "--save-dir", ws.save, *BASE_FLAGS, "--vocab-file", vocab,
+                "--true-vocab-size", "3"], names=["--vocab-file", "--true-vocab-size"], watch=[src])
+
+
+def test_some_linear_biases_missing(ws):
+    """linear_proj has a bias, linear_fc1/fc2 do not: Megatron's add_bias_linear cannot load that."""
+    path = base_model(ws)
+    hdr, data = read_st(path)
+    entries = [(n, v["dtype"], tuple(v["shape"])) for n, v in hdr.items() if n != "__metadata__"]
+    entries.append(("decoder.layers.0.self_attention.linear_proj.bias", "F32", (64,)))
+    entries.append(("decoder.layers.1.self_attention.linear_proj.bias", "F32", (64,)))
+    write_st(path, entries)
+    refuse(ws, ["--load-dir", ws.inp, "--save-dir", ws.save, *BASE_FLAGS], any_of=["linear", "bias"],
+           watch=[ws.inp])
+
+
+def test_index_entry_escaping_the_checkpoint_directory(ws):
+    base_model(ws)
+    hdr, _ = read_st(ws.inp / WEIGHT_FILE)
+    wm = {n: WEIGHT_FILE for n in hdr if n != "__metadata__"}
+    wm[T_A] = "../elsewhere/model.safetensors"
+    (ws.inp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    refuse(ws, ["--load-dir", ws.inp, "--save-dir", ws.save, *BASE_FLAGS], names=[T_A], watch=[ws.inp])
+
+
+def test_unreadable_manifest(ws, models):
+    """A damaged bookkeeping file: --resume is refused naming it; --overwrite starts over."""
+    src = models["base"]
+    ws.save.mkdir()
+    (ws.save / ".streamconv-partial.json").write_text("{not json")
+    (ws.save / "mine.txt").write_text("keep")
+    refuse(ws, ["--load-dir", src, "--save-dir", ws.save, *BASE_FLAGS, "--resume"],
+           names=[".streamconv-partial.json"], watch=[src])
+    accept(ws, ["--load-dir", src, "--save-dir", ws.save, *BASE_FLAGS, "--overwrite", "--quiet"], watch=[src])
+    assert open(ws.save / TRACKER).read() == "1"
+    assert (ws.save / "mine.txt").read_text() == "keep"
+    assert not (ws.save / ".streamconv-partial.json").exists()
 
 
 @pytest.mark.parametrize("model,flags,what", [

@@ -50,15 +50,20 @@ def _split(tensors: dict, parts: int) -> list:
     return [{n: tensors[n] for n in names[i::parts]} for i in range(parts)]
 
 
+def _write_shards(d, tensors: dict, parts: int, name, index: str, **save_kw) -> None:
+    """Spread ``tensors`` over ``parts`` files named ``name(i)`` and write the ``index`` weight map."""
+    weight_map = {}
+    for i, part in enumerate(_split(tensors, parts)):
+        np_save(part, str(d / name(i)), **save_kw)
+        weight_map.update({n: name(i) for n in part})
+    json.dump({"metadata": {}, "weight_map": weight_map}, open(d / index, "w"))
+
+
 def test_unified_directory_with_hyper_param_trap(plain, tmp_path):
     tensors, expected = plain
     d = tmp_path / "unified"
     d.mkdir()
-    weight_map = {}
-    for i, part in enumerate(_split(tensors, 3)):
-        np_save(part, str(d / f"part{i}.safetensors"), metadata={"format": "ms"})
-        weight_map.update({n: f"part{i}.safetensors" for n in part})
-    json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, open(d / "param_name_map.json", "w"))
+    _write_shards(d, tensors, 3, lambda i: f"part{i}.safetensors", "param_name_map.json", metadata={"format": "ms"})
     # rank-0 slices under full names: must never be read as weights
     trap = {n: np.zeros((max(1, v.shape[0] // 2),) + v.shape[1:], dtype=v.dtype) for n, v in tensors.items()}
     np_save(trap, str(d / "hyper_param.safetensors"))
@@ -72,12 +77,7 @@ def test_hf_index_and_single_file_path(plain, tmp_path):
     tensors, expected = plain
     d = tmp_path / "hf"
     d.mkdir()
-    weight_map = {}
-    for i, part in enumerate(_split(tensors, 2)):
-        name = f"model-{i + 1:05d}-of-00002.safetensors"
-        np_save(part, str(d / name))
-        weight_map.update({n: name for n in part})
-    json.dump({"metadata": {}, "weight_map": weight_map}, open(d / "model.safetensors.index.json", "w"))
+    _write_shards(d, tensors, 2, lambda i: f"model-{i + 1:05d}-of-00002.safetensors", "model.safetensors.index.json")
     run_cli(["convert", "--load-dir", str(d), "--save-dir", str(tmp_path / "a"), *FLAGS])
     assert _outputs(str(tmp_path / "a")) == expected
     # the index file itself as --load-dir

@@ -31,6 +31,13 @@ def _copy(out, tmp_path):
     return dst
 
 
+def _verify_fails(src, dst) -> str:
+    """Run verify on a damaged copy; it must exit 1. Returns its report."""
+    p = run_cli(["verify", "--load-dir", src, "--save-dir", dst], check=False)
+    assert p.returncode == 1, p.stdout + p.stderr
+    return p.stdout
+
+
 def test_clean_output_verifies(converted):
     src, out = converted
     p = run_cli(["verify", "--load-dir", src, "--save-dir", out])
@@ -51,10 +58,9 @@ def test_flipped_byte_is_reported_by_file_and_key(converted, tmp_path):
         b = f.read(1)
         f.seek(off + 1000)
         f.write(bytes([b[0] ^ 0x01]))
-    p = run_cli(["verify", "--load-dir", src, "--save-dir", dst], check=False)
-    assert p.returncode == 1
-    mism = [line for line in p.stdout.splitlines() if line.startswith("MISMATCH")]
-    assert len(mism) == 1 and rel in mism[0] and key in mism[0] and "element 500" in mism[0], p.stdout
+    report = _verify_fails(src, dst)
+    mism = [line for line in report.splitlines() if line.startswith("MISMATCH")]
+    assert len(mism) == 1 and rel in mism[0] and key in mism[0] and "element 500" in mism[0], report
 
 
 def test_missing_rank_file_and_tracker(converted, tmp_path):
@@ -63,10 +69,9 @@ def test_missing_rank_file_and_tracker(converted, tmp_path):
     rel = "iter_0000001/mp_rank_00_000/model_optim_rng.pt"
     os.remove(os.path.join(dst, rel))
     os.remove(os.path.join(dst, "latest_checkpointed_iteration.txt"))
-    p = run_cli(["verify", "--load-dir", src, "--save-dir", dst], check=False)
-    assert p.returncode == 1
-    assert f"MISMATCH {rel}: missing" in p.stdout
-    assert "latest_checkpointed_iteration.txt: missing" in p.stdout
+    report = _verify_fails(src, dst)
+    assert f"MISMATCH {rel}: missing" in report
+    assert "latest_checkpointed_iteration.txt: missing" in report
 
 
 def test_truncated_rank_file(converted, tmp_path):
@@ -76,8 +81,8 @@ def test_truncated_rank_file(converted, tmp_path):
     path = os.path.join(dst, rel)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-    p = run_cli(["verify", "--load-dir", src, "--save-dir", dst], check=False)
-    assert p.returncode == 1 and rel in p.stdout and "unreadable" in p.stdout
+    report = _verify_fails(src, dst)
+    assert rel in report and "unreadable" in report
 
 
 def test_wrong_layout_flag_is_detected(converted):
@@ -93,7 +98,6 @@ def test_leftover_and_unexpected_files(converted, tmp_path):
     shutil.copy(os.path.join(dst, "iter_0000001/mp_rank_00_000/model_optim_rng.pt"),
                 os.path.join(dst, "iter_0000001/mp_rank_02_000/model_optim_rng.pt"))
     open(os.path.join(dst, "iter_0000001/mp_rank_00_000/model_optim_rng.pt.streamconv-partial"), "wb").close()
-    p = run_cli(["verify", "--load-dir", src, "--save-dir", dst], check=False)
-    assert p.returncode == 1
-    assert "mp_rank_02_000/model_optim_rng.pt: rank file not expected" in p.stdout
-    assert "leftover temporary file" in p.stdout
+    report = _verify_fails(src, dst)
+    assert "mp_rank_02_000/model_optim_rng.pt: rank file not expected" in report
+    assert "leftover temporary file" in report
