@@ -11,7 +11,8 @@ reporting wall time, peak resident memory of the whole process tree as the
 kernel counts it (``wait4`` ru_maxrss, i.e. VmHWM, file-backed mapped pages
 included), bytes read and written, the ratio to ``cp -r``, and the predicted
 peak from ``streamconv plan``. Every conversion is then checked with
-``streamconv verify`` (``--no-verify`` to skip). Results go to stdout as a
+``streamconv verify`` (``--no-verify`` to skip). Before every measurement the page
+cache is dropped (when allowed) and the disk is left to settle after ``sync``. Results go to stdout as a
 Markdown table and to ``WORK/results.json``.
 
     python scripts/benchmark.py --work /data/bench            # the full set (about 45 GB of disk)
@@ -98,10 +99,38 @@ def timed(cmd: list, env=None) -> dict:
     return {"wall": wall, "peak_rss": ru.ru_maxrss * 1024, "stdout": out, "stderr": err}
 
 
+def _disk_writes() -> int:
+    total = 0
+    with open("/proc/diskstats") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 9 and not parts[2].startswith(("loop", "ram")):
+                total += int(parts[9])
+    return total
+
+
+def settle(quiet_seconds: float = 2.0, limit: float = 90.0) -> None:
+    """Sync, then wait until the disks have written nothing for a while.
+
+    Deleting a 15 GB copy on a filesystem mounted with ``discard`` keeps the disk busy
+    for many seconds; without this, whichever run comes next pays for it.
+    """
+    subprocess.run(["sync"], check=True)
+    t0 = time.monotonic()
+    last, still = _disk_writes(), time.monotonic()
+    while time.monotonic() - t0 < limit:
+        time.sleep(0.5)
+        now = _disk_writes()
+        if now != last:
+            last, still = now, time.monotonic()
+        elif time.monotonic() - still >= quiet_seconds:
+            return
+
+
 def warm(d: str) -> str:
     """Same cache state for every measurement: drop caches if allowed, else read the input once."""
+    settle()
     try:
-        subprocess.run(["sync"], check=True)
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
         return "cold (caches dropped)"
@@ -142,7 +171,7 @@ def main(argv=None) -> int:
             t = time.monotonic()
             subprocess.run(["sync"], check=True)
             cp_cache[name] = {"wall": r["wall"], "sync": time.monotonic() - t, "cache": state}
-            shutil.rmtree(dst)
+            shutil.rmtree(dst)  # warm() waits for the disk to settle before the next measurement
             print(f"# cp -r {name} ({size / GIB:.2f} GiB, {state}): {r['wall']:.1f} s + sync "
                   f"{cp_cache[name]['sync']:.1f} s", file=sys.stderr)
         out = os.path.join(a.work, "out")
