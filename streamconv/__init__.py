@@ -6,17 +6,34 @@ Library use::
     summary = convert(ConvertOptions(load_dir="ckpt/", save_dir="out/",
                                      target_tensor_parallel_size=2, seq_length=4096))
 
-See ``streamconv --help`` and the README for every option.
+See ``streamconv --help``, the README for every option and ARCHITECTURE.md for
+the flow. The names below are imported on first use, so that ``import
+streamconv.cli`` (and a refusal that needs nothing else) stays fast.
 """
 
-from .convert import convert
-from .errors import FlagError, InputError, PathError, StreamconvError, WriteError
-from .options import ConvertOptions
-from .plan import build_plan, describe
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-__all__ = [
-    "ConvertOptions", "convert", "build_plan", "describe", "StreamconvError", "InputError",
-    "FlagError", "PathError", "WriteError", "__version__",
-]
+__version__ = "0.2.0"
+
+_LAZY = {
+    "ConvertOptions": "streamconv.core.options",
+    "StreamconvError": "streamconv.core.errors",
+    "InputError": "streamconv.core.errors",
+    "FlagError": "streamconv.core.errors",
+    "PathError": "streamconv.core.errors",
+    "WriteError": "streamconv.core.errors",
+    "build_plan": "streamconv.engine.plan",
+    "describe": "streamconv.engine.describe",
+    "convert": "streamconv.run.convert",
+    "verify": "streamconv.run.verify",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'streamconv' has no attribute {name!r}")

@@ -19,11 +19,12 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import fields
 
 from . import __version__
-from .errors import StreamconvError, VerifyMismatch
-from .options import FC1_LAYOUTS, QKV_LAYOUTS, TRANSFORMER_IMPLS, ConvertOptions
-from .sizes import parse_size
+from .core.errors import FlagError, StreamconvError, VerifyMismatch
+from .core.options import FC1_LAYOUTS, QKV_LAYOUTS, TRANSFORMER_IMPLS, ConvertOptions
+from .core.sizes import parse_size
 
 IGNORED = {
     "megatron_path": "--megatron-path is not needed (streamconv does not import Megatron); ignored",
@@ -158,55 +159,18 @@ def options_from_args(a: argparse.Namespace) -> ConvertOptions:
         raise _flag_error(f"--loader {a.loader}: streamconv reads MindSpore Transformers safetensors (--loader core_mf)")
     if a.saver not in ("core", "mcore"):
         raise _flag_error(f"--saver {a.saver}: streamconv writes Megatron-LM core checkpoints (--saver core)")
-    o = ConvertOptions(
-        load_dir=a.load_dir,
-        save_dir=a.save_dir,
-        target_tensor_parallel_size=a.target_tensor_parallel_size,
-        target_pipeline_parallel_size=a.target_pipeline_parallel_size,
-        target_expert_parallel_size=a.target_expert_parallel_size,
-        saver_transformer_impl=a.saver_transformer_impl,
+    # every flag whose dest is an option field carries over as is; the few that need work follow
+    given = {f.name: getattr(a, f.name) for f in fields(ConvertOptions) if hasattr(a, f.name)}
+    given.update(
         loader_transformer_impl=a.loader_transformer_impl or "local",
-        position_embedding_type=a.position_embedding_type,
-        true_vocab_size=a.true_vocab_size,
-        vocab_file=a.vocab_file,
-        padded_vocab_size=a.padded_vocab_size,
-        make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
-        num_layers=a.num_layers,
-        seq_length=a.seq_length,
-        max_position_embeddings=a.max_position_embeddings,
-        hidden_size=a.hidden_size,
-        ffn_hidden_size=a.ffn_hidden_size,
-        num_attention_heads=a.num_attention_heads,
-        num_query_groups=a.num_query_groups,
-        kv_channels=a.kv_channels,
-        normalization=a.normalization,
-        add_bias_linear=a.add_bias_linear,
-        add_qkv_bias=a.add_qkv_bias,
-        swiglu=a.swiglu,
-        qk_layernorm=a.qk_layernorm,
-        untie_embeddings_and_output_weights=a.untie_embeddings_and_output_weights,
-        group_query_attention=a.group_query_attention,
-        tokenizer_type=a.tokenizer_type,
-        rotary_base=a.rotary_base,
-        rotary_percent=a.rotary_percent,
-        rotary_interleaved=a.rotary_interleaved,
-        attention_dropout=a.attention_dropout,
-        hidden_dropout=a.hidden_dropout,
-        fc1_layout=a.fc1_layout,
-        qkv_layout=a.qkv_layout,
         max_memory=parse_size(a.max_memory) if a.max_memory else None,
-        overwrite=getattr(a, "overwrite", False),
-        resume=getattr(a, "resume", False),
-        verify=getattr(a, "verify", False),
-        quiet=getattr(a, "quiet", False),
         notices=notices,
     )
+    o = ConvertOptions(**given)
     return o
 
 
 def _flag_error(msg):
-    from .errors import FlagError
-
     return FlagError(msg)
 
 
@@ -226,10 +190,10 @@ def _main(argv: list) -> int:
     if a.command is None:
         parser.print_help()
         return 2
-    from .progress import Progress
+    from .run.progress import Progress
 
     if a.command == "convert":
-        from .convert import convert
+        from .run.convert import convert
 
         o = options_from_args(a)
         prog = Progress(quiet=o.quiet)
@@ -237,15 +201,16 @@ def _main(argv: list) -> int:
         _write_json(a.json_summary, summary)
         return 0
     if a.command == "plan":
-        from .plan import build_plan, describe
+        from .engine.describe import describe
+        from .engine.plan import build_plan
 
         o = options_from_args(a)
         plan = build_plan(o)
         print(describe(plan))
         return 0
     # verify
-    from .memory import peak_rss
-    from .verify import verify
+    from .engine.memory import peak_rss
+    from .run.verify import verify
 
     base = ConvertOptions(load_dir=a.load_dir, fc1_layout=a.fc1_layout, qkv_layout=a.qkv_layout,
                           max_memory=parse_size(a.max_memory) if a.max_memory else None)

@@ -1,6 +1,6 @@
 """Property tests: a safetensors header is untrusted input (issue 4).
 
-``streamconv.st_header.read_header`` (and ``streamconv.source.index_checkpoint`` on a
+``streamconv.sources.header.read_header`` (and ``streamconv.sources.index.index_checkpoint`` on a
 directory holding the file) must, for *any* bytes, either
 
 * return a result consistent with the file, checked here against an independent
@@ -32,9 +32,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from streamconv.errors import InputError
-from streamconv.source import SourceIndex, index_checkpoint
-from streamconv.st_header import read_header
+from streamconv.core.errors import InputError
+from streamconv.sources.index import SourceIndex, index_checkpoint
+from streamconv.sources.header import read_header
 from synth import ModelSpec, stored_tensors
 
 #: element sizes from the safetensors format, written out independently of streamconv

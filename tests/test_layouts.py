@@ -185,14 +185,14 @@ def test_layout(case, tmp_path):
 
 def test_misaligned_source_through_staging_copy(tmp_path, monkeypatch):
     """On platforms that cannot load misaligned floats, data goes through an aligned copy: same bytes."""
-    import streamconv.lazy as lazy
+    import streamconv.sources.mapped as lazy
 
     monkeypatch.setattr(lazy, "UNALIGNED_OK", False)
     kw, tp, pp, extra = CASES["misaligned_tp1"]
     spec = synth.ModelSpec(**kw)
     src = tmp_path / "src"
     paths = synth.write_checkpoint(str(src), spec)
-    from streamconv.st_header import read_header
+    from streamconv.sources.header import read_header
 
     infos = [t for t in read_header(paths[0]).tensors.values() if t.dtype == "F32"]
     assert any(t.start % 4 for t in infos), "the fixture must really be misaligned"

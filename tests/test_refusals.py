@@ -666,15 +666,15 @@ def test_index_entry_escaping_the_checkpoint_directory(ws):
 def test_unreadable_manifest(ws, models):
     """A damaged bookkeeping file: --resume is refused naming it; --overwrite starts over."""
     src = models["base"]
-    ws.save.mkdir()
-    (ws.save / ".streamconv-partial.json").write_text("{not json")
+    (ws.save / ".streamconv").mkdir(parents=True)
+    (ws.save / ".streamconv" / "run.json").write_text("{not json")
     (ws.save / "mine.txt").write_text("keep")
     refuse(ws, ["--load-dir", src, "--save-dir", ws.save, *BASE_FLAGS, "--resume"],
-           names=[".streamconv-partial.json"], watch=[src])
+           names=[".streamconv/run.json"], watch=[src])
     accept(ws, ["--load-dir", src, "--save-dir", ws.save, *BASE_FLAGS, "--overwrite", "--quiet"], watch=[src])
     assert open(ws.save / TRACKER).read() == "1"
     assert (ws.save / "mine.txt").read_text() == "keep"
-    assert not (ws.save / ".streamconv-partial.json").exists()
+    assert not (ws.save / ".streamconv").exists()
 
 
 @pytest.mark.parametrize("model,flags,what", [

@@ -66,11 +66,21 @@ def _kill_when(proc, condition, timeout=120):
     raise AssertionError("condition never met")
 
 
+def _done_records(save):
+    """relpath -> completion record of every file the run has committed (its bookkeeping)."""
+    d = os.path.join(save, ".streamconv", "done")
+    out = {}
+    for n in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        try:
+            rec = json.load(open(os.path.join(d, n)))
+            out[rec["file"]] = rec["record"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return out
+
+
 def _done_count(save):
-    try:
-        return len(json.load(open(os.path.join(save, ".streamconv-partial.json")))["done"])
-    except (OSError, ValueError, KeyError):
-        return -1
+    return len(_done_records(save)) if os.path.isdir(os.path.join(save, ".streamconv")) else -1
 
 
 def _any_temp(save):
@@ -115,7 +125,7 @@ def test_damaged_finished_file_is_redone_on_resume(source, reference, tmp_path):
     save = str(tmp_path / "out")
     proc = _start(source, save)
     assert _kill_when(proc, lambda: _done_count(save) >= 2)
-    done = json.load(open(os.path.join(save, ".streamconv-partial.json")))["done"]
+    done = _done_records(save)
     victim = os.path.join(save, sorted(done)[0])
     with open(victim, "r+b") as f:  # flip one byte in the middle of the tensor data
         f.seek(os.path.getsize(victim) // 2)
@@ -191,10 +201,10 @@ def test_interrupt_exits_130_cleanly_and_resume_finishes(sig, source, reference,
 
 
 def test_killed_before_the_first_manifest_resumes(source, reference, tmp_path):
-    """A kill while the very first manifest is being written leaves only its temp file."""
+    """A kill while the run record is first being written leaves only its temp file."""
     save = tmp_path / "out"
-    save.mkdir()
-    (save / ".streamconv-partial.json.streamconv-partial").write_bytes(b'{"streamc')
+    (save / ".streamconv" / "done").mkdir(parents=True)
+    (save / ".streamconv" / "run.json.streamconv-partial").write_bytes(b'{"streamc')
     p = run_cli(["convert", "--load-dir", source, "--save-dir", str(save), *FLAGS], check=False)
     assert p.returncode == 2 and "--resume" in p.stderr
     run_cli(["convert", "--load-dir", source, "--save-dir", str(save), *FLAGS, "--resume"])
@@ -207,21 +217,24 @@ def test_killed_between_tracker_and_manifest_removal(source, reference, tmp_path
     import zipfile
 
     from streamconv.cli import build_parser, options_from_args
-    from streamconv.plan import build_plan
+    from streamconv.engine.plan import build_plan
 
     save = str(tmp_path / "out")
     shutil.copytree(reference, save)
     argv = ["convert", "--load-dir", source, "--save-dir", save, *FLAGS]
     # the fingerprint does not depend on memory; floor=0 keeps this (busy) test process's RSS out of it
     plan = build_plan(options_from_args(build_parser().parse_args(argv)), floor=0)
-    done = {}
-    for rel in tree(save):
+    book = os.path.join(save, ".streamconv")
+    os.makedirs(os.path.join(book, "done"))
+    for i, rel in enumerate(tree(save)):
         if rel.endswith(".pt"):
             infos = zipfile.ZipFile(os.path.join(save, rel)).infolist()
-            done[rel] = {"size": os.path.getsize(os.path.join(save, rel)),
-                         "records": [[i.filename, i.file_size, i.CRC] for i in infos]}
-    with open(os.path.join(save, ".streamconv-partial.json"), "w") as f:
-        json.dump({"streamconv": 1, "fingerprint": plan.fingerprint(), "done": done}, f, default=str)
+            record = {"size": os.path.getsize(os.path.join(save, rel)),
+                      "records": [[z.filename, z.file_size, z.CRC] for z in infos]}
+            with open(os.path.join(book, "done", f"{i}.json"), "w") as f:
+                json.dump({"file": rel, "record": record}, f)
+    with open(os.path.join(book, "run.json"), "w") as f:
+        json.dump({"streamconv": 2, "fingerprint": plan.fingerprint()}, f, default=str)
     p = run_cli(argv, check=False)
     assert p.returncode == 2 and "--resume" in p.stderr
     p = run_cli([*argv, "--resume", "--json-summary", str(tmp_path / "s.json")])

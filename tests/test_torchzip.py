@@ -10,8 +10,8 @@ import zipfile
 import pytest
 import torch
 
-from streamconv.checkpoint_pickle import build_pickle
-from streamconv.torchzip import TorchZipWriter, archive_size
+from streamconv.formats.torch.state_pickle import build_pickle
+from streamconv.formats.torch.zipwriter import TorchZipWriter, archive_size
 
 
 def _write_ours(path, args, entries, tensors, sid):

@@ -9,7 +9,7 @@ import pytest
 
 import synth
 from helpers import run_cli
-from streamconv.rankfile_reader import RankFileReader
+from streamconv.formats.torch.reader import RankFileReader
 
 SPEC = synth.ModelSpec(layers=4, hidden=128, ffn=256, heads=8, groups=4, vocab=500, bias=True)
 FLAGS = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",

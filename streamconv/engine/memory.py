@@ -1,0 +1,75 @@
+"""The memory model: what the process costs at rest, and how big a stream block may be.
+
+Peak resident memory of a conversion is the interpreter with its libraries (the
+*floor*, measured, not guessed) plus the stream's working set: one mapped source
+block, an aligned staging copy for misaligned tensors, and the output buffers in
+flight between the converter and the writer. Every one of them holds at most
+one *block* of ``block_bytes``, so the block size follows from the budget:
+``block = (budget - floor - margin) / BLOCKS_IN_FLIGHT``. The same formula gives
+the prediction ``streamconv plan`` prints and the smallest budget that works.
+"""
+
+from __future__ import annotations
+
+import psutil
+
+from ..core.errors import FlagError
+from ..core.sizes import human
+
+#: output buffers in the queue + one being filled + one being written
+OUTPUT_BUFFERS = 4
+#: + the mapped source block + the staging copy for misaligned tensors
+BLOCKS_IN_FLIGHT = OUTPUT_BUFFERS + 2
+#: threads, allocator slack, progress bar, plan objects
+MARGIN = 48 * 2**20
+#: the floor is measured anew by each process and varies by a fraction of a MiB
+FLOOR_JITTER = 8 * 2**20
+#: blocks larger than this do not make the stream faster
+MAX_BLOCK = 64 * 2**20
+DEFAULT_HEADROOM = 512 * 2**20
+
+
+def current_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    """High-water mark of this process's resident set (VmHWM), file-backed pages included."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - non-Linux
+        pass
+    return current_rss()  # pragma: no cover
+
+
+def floor_bytes() -> int:
+    """Resident memory of this process now: interpreter, torch, numpy, streamconv."""
+    return current_rss()
+
+
+def default_budget(largest_layer_source_bytes: int) -> int:
+    """Without --max-memory: about one transformer layer (1.25 x its source bytes + 0.5 GiB)."""
+    return int(1.25 * largest_layer_source_bytes) + DEFAULT_HEADROOM
+
+
+def plan_blocks(budget: int, floor: int, min_block: int, largest_tensor: int, explicit: bool) -> tuple:
+    """Return (block_bytes, predicted_peak) for ``budget``; refuse a budget below the floor."""
+    min_block = max(min_block, 64 * 1024)
+    smallest = floor + MARGIN + BLOCKS_IN_FLIGHT * min_block
+    if budget < smallest:
+        if explicit:
+            raise FlagError(
+                f"--max-memory {human(budget)} is below what this process needs "
+                f"({human(floor)} for Python and its libraries + working blocks); "
+                f"the smallest budget that works is {-(-(smallest + FLOOR_JITTER) // 2**20)}MiB"
+            )
+        budget = smallest
+    block = (budget - floor - MARGIN) // BLOCKS_IN_FLIGHT
+    block = min(block, MAX_BLOCK, max(largest_tensor, min_block))
+    block = max(block, min_block)
+    block -= block % 4096 if block > 4096 else 0
+    predicted = floor + MARGIN + BLOCKS_IN_FLIGHT * block
+    return block, predicted

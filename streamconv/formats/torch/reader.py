@@ -1,0 +1,209 @@
+"""Read a ``torch.save`` rank file's structure without loading its tensors.
+
+``verify`` and tests need the keys, shapes, storage records and ``args`` of a
+rank file that may be tens of GB. This parses the zip directory and unpickles
+``data.pkl`` with a restricted unpickler that turns tensors into
+:class:`TensorRecord` descriptions (storage record, shape, stride, dtype) and
+refuses any class outside the handful a Megatron checkpoint may contain, so a
+hostile file cannot run code. Works on files written by ``torch.save`` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+
+from ...core.shapes import contiguous_strides, numel
+from ...megatron.entries import EntryKind
+from ..base import FileReader
+
+_STORAGE_DTYPES = {
+    "BFloat16Storage": ("bf16", 2), "ByteStorage": ("uint8", 1), "FloatStorage": ("f32", 4),
+    "HalfStorage": ("f16", 2), "LongStorage": ("i64", 8), "IntStorage": ("i32", 4),
+}
+
+
+@dataclass(frozen=True)
+class StorageRecord:
+    key: str
+    dtype: str
+    itemsize: int
+    numel: int
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    storage: StorageRecord
+    offset: int
+    shape: tuple
+    stride: tuple
+
+    @property
+    def numel(self) -> int:
+        return numel(self.shape)
+
+    @property
+    def contiguous(self) -> bool:
+        return contiguous_strides(self.shape) == tuple(self.stride) or self.numel == 0
+
+
+class _StorageType:
+    def __init__(self, name):
+        self.name = name
+
+
+def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    return TensorRecord(storage, offset, tuple(size), tuple(stride))
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor_v2
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("argparse", "Namespace"):
+            return argparse.Namespace
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        raise pickle.UnpicklingError(f"unexpected class {module}.{name} in data.pkl")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        _, stype, key, _loc, numel = pid
+        if not isinstance(stype, _StorageType):
+            raise pickle.UnpicklingError(f"unexpected storage type {stype!r}")
+        dtype, itemsize = _STORAGE_DTYPES[stype.name]
+        return StorageRecord(str(key), dtype, itemsize, int(numel))
+
+
+def zip_records(path: str) -> dict:
+    """Record name -> (data offset, size, crc) for every record of a zip archive, in order."""
+    records = {}
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for i in z.infolist():
+            f.seek(i.header_offset)
+            hdr = f.read(30)
+            if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
+                raise zipfile.BadZipFile(f"bad local header for {i.filename}")
+            n, e = struct.unpack("<HH", hdr[26:30])
+            records[i.filename] = (i.header_offset + 30 + n + e, i.file_size, i.CRC)
+    if not records:
+        raise zipfile.BadZipFile("empty archive")
+    return records
+
+
+class RankFileReader:
+    """Structure of one rank file: ``state`` (with TensorRecords) and record data offsets."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.records = zip_records(path)
+        first = next(iter(self.records))
+        self.prefix = first.split("/", 1)[0]
+        with zipfile.ZipFile(path) as z:
+            self.state = _Unpickler(io.BytesIO(z.read(f"{self.prefix}/data.pkl"))).load()
+
+    def record(self, storage_key: str) -> tuple:
+        """(data offset, size, crc) of the storage record ``storage_key``."""
+        return self.records[f"{self.prefix}/data/{storage_key}"]
+
+
+TOP_LEVEL = ("args", "checkpoint_version", "iteration", "model", "num_floating_point_operations_so_far")
+
+
+def _same(a, b) -> bool:
+    return type(a) is type(b) and a == b
+
+
+class TorchFileReader(FileReader):
+    """A finished rank file for verify: its structure against the plan, and where each storage is."""
+
+    def __init__(self, path: str):
+        self.r = RankFileReader(path)
+        self.path = path
+
+    def check(self, f, args_expected, report) -> None:
+        rel, reader = f.relpath, self.r
+        st = reader.state
+        if not isinstance(st, dict):
+            report.add(rel, "top level is not a dict")
+            return
+        for k in TOP_LEVEL:
+            if k not in st:
+                report.add(rel, f"top-level key {k!r} missing")
+        extra = set(st) - set(TOP_LEVEL) - {"rerun_state_machine"}
+        if extra:
+            report.add(rel, f"unexpected top-level keys {sorted(extra)}")
+        for k, v in (("checkpoint_version", 3.0), ("iteration", 1), ("num_floating_point_operations_so_far", 0)):
+            if k in st and not _same(st[k], v):
+                report.add(rel, f"{k} is {st[k]!r}, expected {v!r}")
+        args = st.get("args")
+        if args is not None:
+            got = vars(args)
+            for k, v in vars(args_expected).items():
+                if k not in got:
+                    report.add(rel, f"args.{k} missing (expected {v!r})")
+                elif not _same(got[k], v):
+                    report.add(rel, f"args.{k} is {got[k]!r}, expected {v!r}")
+        model = st.get("model")
+        if not isinstance(model, dict):
+            report.add(rel, "model is not a dict")
+            return
+        want_keys = [e.key for e in f.entries]
+        if list(model.keys()) != want_keys:
+            missing = [k for k in want_keys if k not in model]
+            unexpected = [k for k in model if k not in want_keys]
+            if missing:
+                report.add(rel, f"missing keys: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            if unexpected:
+                report.add(rel, f"unexpected keys: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+            if not missing and not unexpected:
+                report.add(rel, "keys are in a different order than Megatron's")
+        for e in f.entries:
+            v = model.get(e.key, "<missing>")
+            if isinstance(v, str):
+                continue
+            if e.kind is EntryKind.NONE:
+                if v is not None:
+                    report.add(rel, f"{e.key}: expected None")
+                continue
+            if not isinstance(v, TensorRecord):
+                report.add(rel, f"{e.key}: expected a tensor, found {type(v).__name__}")
+                continue
+            if v.storage.dtype != e.dtype:
+                report.add(rel, f"{e.key}: dtype {v.storage.dtype}, expected {e.dtype.value}")
+            if v.shape != tuple(e.shape):
+                report.add(rel, f"{e.key}: shape {list(v.shape)}, expected {list(e.shape)}")
+            if not v.contiguous:
+                report.add(rel, f"{e.key}: not contiguous")
+            try:
+                off, size, _ = reader.record(v.storage.key)
+                if (v.offset + v.numel) * v.storage.itemsize > size:
+                    report.add(rel, f"{e.key}: storage record too small")
+            except KeyError:
+                report.add(rel, f"{e.key}: storage record data/{v.storage.key} missing")
+                continue
+            if e.kind is EntryKind.BYTES:
+                with open(reader.path, "rb") as fh:
+                    fh.seek(off + v.offset)
+                    if fh.read(len(e.data)) != e.data or v.numel != len(e.data):
+                        report.add(rel, f"{e.key}: value differs from Megatron's _extra_state")
+
+    def locate(self, entry):
+        model = self.r.state.get("model") if isinstance(self.r.state, dict) else None
+        rec = model.get(entry.key) if isinstance(model, dict) else None
+        if not isinstance(rec, TensorRecord):
+            return None
+        try:
+            off, size, _ = self.r.record(rec.storage.key)
+        except KeyError:
+            return None
+        start = off + rec.offset * rec.storage.itemsize
+        return start, off + size - start

@@ -1,0 +1,245 @@
+"""``convert``: plan from headers, then stream every pipeline stage into its files.
+
+This is the library entry point the CLI wraps. It returns the run's summary (a
+dict of figures, also written by ``--json-summary``). All refusals happen in
+:func:`~streamconv.engine.plan.build_plan` and :meth:`SaveDir.check` before
+anything is written; faults while writing become :class:`WriteError` with the
+save directory left resumable.
+
+The work splits in two roles, so that several processes can share it: the
+*coordinator* opens the save directory and, once every file is committed,
+writes the final files (:func:`convert`); a *worker* writes the files assigned
+to it (:func:`write_files`). In a single process the one process is both.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+
+from ..core.background import BackgroundWorker
+from ..core.errors import Interrupted, StreamconvError, WriteError
+from ..core.options import ConvertOptions
+from ..engine import memory
+from ..engine.plan import Plan, build_plan
+from .progress import Progress
+from .savedir import SaveDir, check_paths
+from .writeback import WritebackPacer
+
+
+def write_error(e: OSError, path: str) -> WriteError:
+    if e.errno == errno.ENOSPC:
+        what = "the disk is full"
+        todo = "free space"
+    elif e.errno == errno.EFBIG:
+        what = "the file-size limit was reached (ulimit -f)"
+        todo = "raise the limit"
+    elif e.errno == errno.EDQUOT:
+        what = "the disk quota is exhausted"
+        todo = "free quota"
+    else:
+        what = e.strerror or str(e)
+        todo = "fix the cause"
+    return WriteError(
+        f"writing {path} failed: {what}; {todo} and rerun the same command with --resume "
+        "(finished rank files are kept)"
+    )
+
+
+class _Signals:
+    """SIGTERM behaves like Ctrl-C; SIGXFSZ must not kill us (the write then fails with EFBIG)."""
+
+    def __enter__(self):
+        self.old = {}
+        for sig, handler in ((signal.SIGTERM, self._term), (signal.SIGXFSZ, signal.SIG_IGN)):
+            try:
+                self.old[sig] = signal.signal(sig, handler)
+            except (ValueError, OSError):  # not the main thread
+                pass
+        return self
+
+    @staticmethod
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+        return False
+
+
+class _Committer:
+    """Makes finished files durable (fsync, rename, completion record) on a background thread.
+
+    Waiting for the disk at the end of each pipeline stage would stall the
+    stream for as long as the kernel needs to write out the stage; doing it here
+    lets the next stage convert meanwhile.
+    """
+
+    def __init__(self, sd: SaveDir):
+        self.sd = sd
+        self.worker = BackgroundWorker("streamconv-commit")
+        self.committed: list = []
+        self.pending: dict = {}  # relpath -> fd submitted, not yet committed
+
+    def _commit(self, f, fd, record) -> None:
+        try:
+            self.sd.commit(f.relpath, fd, record)
+        except OSError as e:
+            raise write_error(e, self.sd.temp_path(f.relpath)) from None
+        self.pending.pop(f.relpath, None)
+        self.committed.append(f.relpath)
+
+    def submit(self, f, fd, record) -> None:
+        self.pending[f.relpath] = fd
+        self.worker.submit(self._commit, f, fd, record)
+
+    def drain(self) -> None:
+        self.worker.stop()
+        err = self.worker.take_error()
+        if err is not None:
+            raise err
+
+    def abandon(self) -> list:
+        """Stop after the file being committed; return the fds never committed."""
+        self.worker.stop(cancel=True)
+        return list(self.pending.values())
+
+
+def write_files(plan: Plan, sd: SaveDir, progress: Progress, mine=None) -> list:
+    """Write every file of ``plan`` that is not finished (and, with ``mine``, is in it); return their paths.
+
+    On any failure every temporary file this call may have started is removed;
+    committed files stay (``--resume`` keeps them).
+    """
+    from ..engine.stream import Streamer  # imports torch
+
+    fmt = plan.format
+    todo_files = [f for f in plan.files if f.relpath not in sd.done and (mine is None or f.relpath in mine)]
+    progress.start(sum(f.data_bytes for f in todo_files))
+    streamer = Streamer(plan.block_bytes, on_bytes=progress.update, on_read=progress.read)
+    committer = _Committer(sd)
+    current: list = []
+    finished = False
+    try:
+        for group in plan.groups:
+            todo = {i: f for i, f in enumerate(group.files)
+                    if f.relpath not in sd.done and (mine is None or f.relpath in mine)}
+            if not todo:
+                continue
+            progress.stage(group, list(todo.values()))
+            current = []
+            writers = {}
+            for i, f in todo.items():
+                path = sd.temp_path(f.relpath)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    current.append((f, fd))
+                    writers[i] = fmt.open_writer(f, fd, on_write=WritebackPacer(fd).advance)
+                except OSError as e:
+                    raise write_error(e, path) from None
+            try:
+                streamer.run_group(group, writers)
+                for i, f in todo.items():
+                    record = writers[i].finish()
+                    committer.submit(f, current[0][1], record)
+                    current.pop(0)
+            except OSError as e:
+                f = current[0][0] if current else None
+                raise write_error(e, sd.temp_path(f.relpath) if f else plan.options.save_dir) from None
+        committer.drain()
+        finished = True
+    finally:
+        leftovers = [fd for _, fd in current]
+        if not finished:
+            leftovers += committer.abandon()
+        for fd in leftovers:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if not finished:
+            # Every temporary file of this call goes, including one whose creation an
+            # interrupt cut short before it was tracked; committed files stay.
+            for f in todo_files:
+                if f.relpath not in sd.done:
+                    sd.discard_temp(f.relpath)
+        streamer.close()
+        progress.close()
+    return list(committer.committed)
+
+
+def execute(plan: Plan, progress: Progress, sd: SaveDir | None = None) -> dict:
+    """Coordinator and only worker: write every file of ``plan`` not already finished; return the figures."""
+    t0 = time.monotonic()
+    sd = sd or SaveDir.for_plan(plan)
+    try:
+        sd.open()
+    except OSError as e:
+        raise write_error(e, os.path.join(plan.options.save_dir, ".streamconv")) from None
+    for n in sd.notes:
+        progress.note(n)
+    kept = list(sd.kept)
+    try:
+        written = write_files(plan, sd, progress)
+        try:
+            sd.finish(plan.final_files)
+        except OSError as e:
+            raise write_error(e, plan.options.save_dir) from None
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted; {len(sd.read_done())} of {len(plan.files)} rank files are finished in "
+            f"{plan.options.save_dir}; rerun the same command with --resume to finish"
+        ) from None
+    finally:
+        sd.unlock()
+    wall = time.monotonic() - t0
+    return {
+        "wall_seconds": round(wall, 3),
+        "read_bytes": progress.bytes_read,
+        "written_bytes": sum(f.size for f in plan.files if f.relpath in written),
+        "input_bytes": plan.source.total_bytes,
+        "output_bytes": plan.write_bytes,
+        "read_gb_per_s": round(progress.bytes_read / wall / 1e9, 3) if wall else None,
+        "peak_rss_bytes": memory.peak_rss(),
+        "budget_bytes": plan.budget,
+        "predicted_peak_bytes": plan.predicted_peak,
+        "block_bytes": plan.block_bytes,
+        "files_written": written,
+        "files_kept": kept,
+        "save_dir": plan.options.save_dir,
+        "notes": plan.notes + sd.notes,
+    }
+
+
+def convert(options: ConvertOptions, progress: Progress | None = None) -> dict:
+    """Convert ``options.load_dir`` into a Megatron-LM checkpoint in ``options.save_dir``.
+
+    Returns the summary dict. Raises :class:`~streamconv.core.errors.StreamconvError`
+    subclasses with one-line messages on bad input, flags, paths or write faults.
+    """
+    progress = progress or Progress(quiet=True)
+    with _Signals():
+        check_paths(options.load_dir, options.save_dir, options.overwrite, options.resume)
+        from ..sources import prefetch
+
+        plan = build_plan(options, on_source=prefetch.start)
+        sd = SaveDir.for_plan(plan)
+        sd.check(paths_checked=True)  # resume refusals, before anything is announced
+        progress.announce(plan)
+        summary = execute(plan, progress, sd)
+        if options.verify:
+            from .verify import verify_plan
+
+            report = verify_plan(plan, progress=progress)
+            summary["verify"] = report.as_dict()
+            if not report.ok:
+                raise StreamconvError(
+                    f"verify found {len(report.problems)} problem(s) in {options.save_dir} right after converting; "
+                    "this is a streamconv bug, please report it"
+                )
+    summary["peak_rss_bytes"] = memory.peak_rss()
+    progress.done(summary)
+    return summary

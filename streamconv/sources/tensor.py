@@ -1,0 +1,57 @@
+"""A model weight in the input, and the tally of what was skipped.
+
+:class:`SourceTensor` is the unit every later stage refers to: its canonical
+name, where its bytes are (file, header entry) and which naming scheme it came
+from. It is immutable and hashable, so mapping rules and the stream can use it
+as an identity (two pieces that read the same tensor's same rows are the same
+read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .header import TensorInfo
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    canonical: str
+    name: str  # name as stored in the file
+    path: str
+    info: TensorInfo
+    scheme: str = ""
+
+    @property
+    def shape(self) -> tuple:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+
+@dataclass
+class Skipped:
+    """Entries and files that carry no model weights, reported once in the summary."""
+
+    optimizer: int = 0
+    optimizer_bytes: int = 0
+    steps: int = 0
+    placeholders: int = 0
+    files: list = field(default_factory=list)  # (path, reason)
+
+    def lines(self) -> list:
+        out = []
+        if self.optimizer:
+            out.append(
+                f"skipped {self.optimizer} optimizer-state tensors "
+                f"({self.optimizer_bytes / 2**20:.1f} MiB: adam/moment/accu_grads)"
+            )
+        if self.steps:
+            out.append(f"skipped {self.steps} step/loss-scale entries (global_step, learning_rate, ...)")
+        if self.placeholders:
+            out.append(f"skipped {self.placeholders} dropout placeholder entries (no weights)")
+        for path, reason in self.files:
+            out.append(f"skipped file {path}: {reason}")
+        return out
