@@ -65,7 +65,7 @@ def test_golden_case(root, case, tmp_path):
     save = str(tmp_path / "out")
     argv = official_argv(case, save, root)
     if "--fc1-layout" not in argv:
-        argv += ["--fc1-layout", "concat"]  # golden inputs store fc1 as [gate; up] (FORMAT.md §4)
+        argv += ["--fc1-layout", "concat"]  # golden inputs store fc1 as [gate; up] (docs/FORMAT.md §4)
     run_cli(argv)
     exp_root = os.path.join(root, case, "expected")
     layout = json.load(open(os.path.join(exp_root, "layout.json")))
