@@ -1,4 +1,8 @@
-"""Shared test helpers: paths to ../shared, running the CLI, reading rank files independently.
+"""Shared test helpers: paths to the test data, running the CLI, reading rank files independently.
+
+The test data ships in ``tests/data`` (made by ``scripts/make_test_data.py``), so a
+clone anywhere runs every test; ``../shared`` adds the golden cases' original F32
+inputs and full expected tensors when it is present.
 
 Expectations never come from streamconv itself: rank files are read back with
 plain ``torch.load`` and compared with the golden files written by the official
@@ -17,23 +21,34 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+
+# Shipped with the repository (made from ../shared by scripts/make_test_data.py): every clone has it.
+DATA = os.path.join(HERE, "data")
+GOLDEN = os.path.join(DATA, "golden")  # BF16 inputs, expected tensors as sha256 (tensors.json)
+FIXTURES_ROOT = os.path.join(DATA, "fixtures")  # mindspore, mindformers_moe, mindspore_dist, hf_pairs
+FIXTURES = os.path.join(FIXTURES_ROOT, "mindspore")
+
+# The workspace's shared data, when present beside the checkout (or named by STREAMCONV_SHARED):
+# the golden cases then also run from their original F32 inputs against the full expected tensors.
 SHARED = os.environ.get("STREAMCONV_SHARED", os.path.join(REPO, "..", "shared"))
-GOLDEN = os.path.join(SHARED, "golden")
-FIXTURES = os.path.join(SHARED, "fixtures", "mindspore")
+SHARED_GOLDEN = os.path.join(SHARED, "golden")
+HAVE_SHARED = os.path.isdir(SHARED_GOLDEN)
 
-needs_shared = pytest.mark.skipif(not os.path.isdir(GOLDEN), reason="../shared/golden not present")
+# Only for data that tests/data does not hold (a clone without ../shared reports such tests as skipped);
+# for the golden cases and fixtures use GOLDEN / FIXTURES_ROOT above, which are always there.
+needs_shared = pytest.mark.skipif(not HAVE_SHARED, reason="../shared/golden not present")
 
 
-def golden_cases():
-    if not os.path.isdir(GOLDEN):
+def golden_cases(root: str = GOLDEN) -> list:
+    if not os.path.isdir(root):
         return []
-    return sorted(d for d in os.listdir(GOLDEN) if os.path.isfile(os.path.join(GOLDEN, d, "case.json")))
+    return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "case.json")))
 
 
-def official_argv(case: str, save_dir: str) -> list:
+def official_argv(case: str, save_dir: str, root: str = GOLDEN) -> list:
     """The case's official command line with the program name swapped for streamconv."""
-    spec = json.load(open(os.path.join(GOLDEN, case, "case.json")))
-    cmd = spec["official_command"].replace("<input>", os.path.join(GOLDEN, case, "input"))
+    spec = json.load(open(os.path.join(root, case, "case.json")))
+    cmd = spec["official_command"].replace("<input>", os.path.join(root, case, "input"))
     cmd = cmd.replace("<output>", save_dir).replace("<megatron>", "/nonexistent/megatron")
     argv = shlex.split(cmd)
     assert argv[:2] == ["python", "tools/checkpoint/convert.py"], argv[:2]

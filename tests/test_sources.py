@@ -17,7 +17,7 @@ import torch
 from safetensors.numpy import load_file as np_load, save_file as np_save
 
 import synth
-from helpers import FIXTURES, needs_shared, run_cli, tree
+from helpers import FIXTURES, run_cli, tree
 
 SPEC = synth.ModelSpec(layers=2, hidden=64, ffn=96, heads=4, groups=2, vocab=256)
 FLAGS = ["--num-attention-heads", "4", "--target-tensor-parallel-size", "2", "--quiet"]
@@ -114,7 +114,6 @@ def _bf16(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16)
 
 
-@needs_shared
 @pytest.mark.parametrize("fixture", ["tiny_gpt_fp32", "tiny_gpt_bf16", "tiny_gpt_fp32_qkvbias",
                                      "tiny_gpt_train_adamw", "tiny_gpt_train_adam_losscale"])
 def test_files_written_by_mindspore(fixture, tmp_path):
