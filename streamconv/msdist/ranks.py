@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from ..errors import InputError, PathError
 
 _RANK_DIR_RE = re.compile(r"rank_(0|[1-9]\d{0,6})")
-_RANK_FILE_RE = re.compile(r"(?P<prefix>.+)_rank_(?P<rank>0|[1-9]\d{0,6})-(?P<epoch>\d{1,9})_(?P<step>\d{1,12})\.safetensors")
+_RANK_FILE_RE = re.compile(
+    r"(?P<prefix>.+)_rank_(?P<rank>0|[1-9]\d{0,6})-(?P<epoch>\d{1,9})_(?P<step>\d{1,12})\.safetensors"
+)
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,17 @@ def _pick(by_rank: dict, checkpoint_dir: str, step: int | None):
         for r in ranks[1:]:
             common &= set(keyed[r])
         if not common:
-            newest = max(key for r in ranks for key in keyed[r])
-            lacking = next(r for r in ranks if newest not in keyed[r])
+            # name the odd one out: a rank lacking the step most ranks have (ties: the newest)
+            counts = {}
+            for r in ranks:
+                for key in keyed[r]:
+                    counts[key] = counts.get(key, 0) + 1
+            usual = max(counts, key=lambda k: (counts[k], k))
+            lacking = next(r for r in ranks if usual not in keyed[r])
+            have = ", ".join(f"epoch {e} step {s}" for e, s in sorted(keyed[lacking]))
             raise InputError(
-                f"rank {lacking} has no checkpoint of epoch {newest[0]} step {newest[1]} and no step is saved by "
-                f"every rank in {checkpoint_dir}; the rank files are incomplete or of different runs"
+                f"rank {lacking} has no checkpoint of epoch {usual[0]} step {usual[1]} (it has {have}) and no step "
+                f"is saved by every rank in {checkpoint_dir}; the rank files are incomplete or of different runs"
             )
         chosen = max(common)
     return chosen, {r: keyed[r][chosen] for r in ranks}

@@ -86,7 +86,10 @@ _POOL = _build_pool()
 
 def message_class(name: str):
     """The generated class of message ``name`` (e.g. ``"ParallelStrategyMap"``)."""
-    return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
+    desc = _POOL.FindMessageTypeByName(f"{_PACKAGE}.{name}")
+    if hasattr(message_factory, "GetMessageClass"):  # protobuf >= 4.22
+        return message_factory.GetMessageClass(desc)
+    return message_factory.MessageFactory(_POOL).GetPrototype(desc)  # protobuf 4.21
 
 
 ParallelStrategyMap = message_class("ParallelStrategyMap")
