@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from streamconv.errors import InputError
+from streamconv.st_header import read_header
 from streamconv.msdist.assemble import assemble, open_distributed
 from streamconv.msdist.boxes import full_shape_from_piece, opt_shard, rank_box
 from streamconv.msdist.ranks import discover
@@ -404,6 +405,9 @@ def test_discovery_forms(tmp_path):
     assert rs.checkpoint_dir == os.path.join(out, "checkpoint") and rs.strategy_path == os.path.join(out, "strategy")
     assert sorted(rs.files) == [0, 1, 2, 3] and (rs.epoch, rs.step) == (1, 2)
     assert rs.files[2].path == os.path.join(out, "checkpoint", "rank_2", "qwen3_rank_2-1_2.safetensors")
+    headers = {r: read_header(f.path) for r, f in rs.files.items()}  # the caller may pass headers it has read
+    ck = assemble(rs, load_strategy(rs.strategy_path), headers)
+    assert ck.headers is headers and len(ck.tensors) == 19
     with pytest.raises(InputError, match="give --src-strategy-path"):
         discover(os.path.join(out, "checkpoint"))
     # all rank files side by side in one directory
@@ -638,3 +642,69 @@ def test_remove_redundancy_piece_kept_nowhere_is_refused(tmp_path):
     rewrite_rank_file(rank_file(run, 4 * kept_in + 1), drop=(name,))
     with pytest.raises(InputError, match=rf"'{name}': no rank file holds its piece .*rank 1 "):
         open_distributed(str(run))
+
+
+def build_shared_embedding(tmp_path, remove_redundancy=False):
+    """tp2_pp2 with the embedding also owned by stage 1 (as a shared embedding is).
+
+    Stage 1's strategy gets the embedding with stage 0's layout (from the manifest) and ranks 2, 3
+    get copies of ranks 0, 1's embedding slices. With remove_redundancy, rank 0 keeps no copy.
+    """
+    man = manifest("tp2_pp2")
+    emb = "embedding.word_embeddings.weight"
+    run = tmp_path / f"shared_{remove_redundancy}"
+    (run / "strategy").mkdir(parents=True)
+    for stage, rank in ((0, 0), (1, 2)):
+        items = {n: {k: m[k] for k in ("dev_matrix", "tensor_map", "tensor_shape", "field", "opt_weight_shard_step",
+                                       "opt_weight_shard_size")}
+                 for n, m in man["layouts"].items() if m["stage"] == stage or n == emb}
+        (run / "strategy" / f"ckpt_strategy_rank_{rank}.json").write_text(json.dumps(
+            {"current_stage": 1, "parallel_strategy_item": {"op": {"stage": stage, "parallel_strategy": [[1]]}},
+             "parallel_layout_item": items}))
+    slices = {}
+    for g in range(4):
+        with safe_open(os.path.join(DIST, "tp2_pp2", man["ranks"][str(g)]["file"]), framework="pt") as f:
+            meta = dict(f.metadata())
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if g < 2:
+            slices[g] = tensors[emb]
+            if remove_redundancy and g == 0:
+                del tensors[emb]
+        else:
+            tensors[emb] = slices[g - 2]
+        if remove_redundancy:
+            meta["remove_redundancy"] = "True"
+        d = run / "checkpoint" / f"rank_{g}"
+        d.mkdir(parents=True)
+        save_file(tensors, str(d / f"qwen3_rank_{g}-1_2.safetensors"), metadata=meta)
+    return run
+
+
+@needs_dist
+@pytest.mark.parametrize("remove_redundancy", [False, True])
+def test_parameter_in_two_pipeline_stages(tmp_path, remove_redundancy):
+    run = build_shared_embedding(tmp_path, remove_redundancy)
+    strat = load_strategy(str(run / "strategy"))
+    assert sorted(strat.for_param("embedding.word_embeddings.weight")) == [0, 1]
+    ck = open_distributed(str(run))
+    emb = ck.tensors["embedding.word_embeddings.weight"]
+    assert emb.stages == (0, 1)
+    # stage 0's ranks supply it; rank 0's slice comes from its stage-1 replica (rank 2) when rank 0 kept none
+    assert [p.rank for p in emb.pieces] == ([2, 1] if remove_redundancy else [0, 1])
+    assert_equals_merge(ck, expected_weights("tp2_pp2"))
+
+
+def test_merged_strategy_names_carry_their_stage(tmp_path):
+    p = tmp_path / "src_strategy.ckpt"
+    p.write_bytes(pb_strategy(1, [
+        pb_layout_item("1-output_layer.weight", [1, 2, 1], [[1, 0]]),
+        pb_layout_item("1-embedding.word_embeddings.weight", [1, 2, 1], [[1, 0]]),
+        pb_layout_item("0-embedding.word_embeddings.weight", [1, 2, 1], [[1, 0]]),
+    ]))
+    strat = load_strategy(str(p))
+    sf = strat.files[0]
+    assert sf.merged and sf.rank is None and sf.stages == (0, 1)
+    assert strat.stages == [0, 1] and strat.world_size == 4
+    assert sorted(strat.for_param("embedding.word_embeddings.weight")) == [0, 1]
+    assert list(strat.for_param("output_layer.weight")) == [1]
+    assert strat.names() == ["embedding.word_embeddings.weight", "output_layer.weight"]
