@@ -58,13 +58,27 @@ class _Pickler(pickle.Pickler):
         return None
 
 
-ITEMSIZE = {"bf16": 2, "uint8": 1}
+ITEMSIZE = {"bf16": 2, "f32": 4, "uint8": 1}
 
 
 def _storage_types() -> dict:
     import torch  # imported late so that refusals before any work stay fast
 
-    return {"bf16": torch.BFloat16Storage, "uint8": torch.ByteStorage}
+    return {"bf16": torch.BFloat16Storage, "f32": torch.FloatStorage, "uint8": torch.ByteStorage}
+
+
+def build_tensor_pickle(dtype: str, shape: tuple, storage_key: str = "0") -> bytes:
+    """``data.pkl`` of ``torch.save(t)`` for one bare contiguous tensor ``t`` (not a dict).
+
+    This is what a torch Distributed Checkpoint item holds: FileSystemWriter
+    ``torch.save``s each chunk on its own.
+    """
+    numel = 1
+    for s in shape:
+        numel *= s
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(_TensorRef(_StorageRef(storage_key, _storage_types()[dtype], numel), shape))
+    return buf.getvalue()
 
 
 def build_pickle(args, model_entries: list) -> bytes:
