@@ -436,6 +436,33 @@ def test_coverage_finds_outside_chunks_missing_storage_and_bad_paths(tmp_path):
     assert any("not a plain file name" in p for p in problems)
 
 
+def test_coverage_agrees_with_painting_every_element():
+    """Random boxes on small shapes: overlap/gap verdicts equal a brute-force element count."""
+    import itertools
+    import random
+
+    rnd = random.Random(11)
+    for _ in range(400):
+        shape = tuple(rnd.randint(1, 5) for _ in range(rnd.randint(1, 3)))
+        boxes = set()
+        for _ in range(rnd.randint(1, 6)):
+            off = tuple(rnd.randrange(d) for d in shape)
+            boxes.add((off, tuple(rnd.randint(1, d - o) for o, d in zip(off, shape))))
+        count = dict.fromkeys(itertools.product(*map(range, shape)), 0)
+        for off, size in boxes:
+            for e in itertools.product(*(range(o, o + n) for o, n in zip(off, size))):
+                count[e] += 1
+        chunks = tuple(Chunk(off, size, "f", 10 * i, 10) for i, (off, size) in enumerate(sorted(boxes)))
+        problems = check_coverage(build_metadata([TensorEntry("t", "f32", shape, chunks)]))
+        overlap = any(c > 1 for c in count.values())
+        gap = any(c == 0 for c in count.values())
+        assert any("overlap" in p for p in problems) == overlap, (shape, boxes, problems)
+        if not overlap:
+            assert any("cover" in p for p in problems) == gap, (shape, boxes, problems)
+        if not overlap and not gap:
+            assert problems == []
+
+
 def test_storage_file_checks(tmp_path):
     _build(tmp_path)
     md = read_metadata(str(tmp_path / METADATA_FILE))

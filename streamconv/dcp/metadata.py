@@ -314,11 +314,14 @@ def _tensor_problems(fqn, md, storage) -> list:
         if overlaps:
             out.append(f"{fqn}: {len(inside)} chunks store the same scalar")
     else:
-        # sweep along axis 0: only chunks whose axis-0 ranges meet can overlap
-        inside.sort()
+        # sweep along the axis with the most distinct chunk starts (the layer axis of a
+        # stacked tensor, the TP axis of a plain one): only chunks whose ranges on that
+        # axis meet can overlap, which keeps the active set to a handful
+        ax = max(range(nd), key=lambda d: len({lo[d] for lo, _ in inside}))
+        inside.sort(key=lambda c: (c[0][ax], c[0]))
         active: list = []
         for lo, hi in inside:
-            active = [a for a in active if a[1][0] > lo[0]]
+            active = [a for a in active if a[1][ax] > lo[ax]]
             for alo, ahi in active:
                 if all(alo[d] < hi[d] and lo[d] < ahi[d] for d in range(nd)):
                     overlaps += 1
