@@ -22,20 +22,19 @@ import shutil
 
 import pytest
 import torch
-from helpers import SHARED
+from helpers import FIXTURES_ROOT
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from streamconv.errors import InputError
-from streamconv.st_header import read_header
-from streamconv.msdist.assemble import assemble, open_distributed
-from streamconv.msdist.boxes import full_shape_from_piece, opt_shard, rank_box
-from streamconv.msdist.ranks import discover
-from streamconv.msdist.strategy import ParamLayout, load_strategy, read_strategy_file
+from streamconv.core.errors import InputError
+from streamconv.sources.header import read_header
+from streamconv.sources.msdist.assemble import assemble, open_distributed
+from streamconv.sources.msdist.boxes import full_shape_from_piece, opt_shard, rank_box
+from streamconv.sources.msdist.ranks import discover
+from streamconv.sources.msdist.strategy import ParamLayout, load_strategy, read_strategy_file
 
-DIST = os.path.join(SHARED, "fixtures", "mindspore_dist")
+DIST = os.path.join(FIXTURES_ROOT, "mindspore_dist")
 CASES = ["tp4", "tp2_dp2_optshard", "tp2_pp2"]
-needs_dist = pytest.mark.skipif(not os.path.isdir(DIST), reason="../shared/fixtures/mindspore_dist not present")
 OPT_PREFIXES = ("adam_m.", "adam_v.")
 
 
@@ -103,7 +102,6 @@ def assert_equals_merge(ck, want: dict):
 # ---------------------------------------------------------------- the shipped fixtures
 
 
-@needs_dist
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("strategy", ["per_rank", "merged"])
 def test_strategy_fields_match_manifest(case, strategy):
@@ -124,7 +122,6 @@ def test_strategy_fields_match_manifest(case, strategy):
             assert list(lay.tensor_shape) == m["tensor_shape"], name
 
 
-@needs_dist
 @pytest.mark.parametrize("case", CASES)
 def test_rule_boxes_match_manifest(case):
     man = manifest(case)
@@ -141,7 +138,6 @@ def test_rule_boxes_match_manifest(case):
             assert list(full_shape_from_piece(lay, piece, r - m["stage"] * ndev)) == m["tensor_shape"], (name, r)
 
 
-@needs_dist
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("strategy", ["per_rank", "merged"])
 def test_assembly_matches_manifest_and_mindspore_merge(case, strategy):
@@ -163,7 +159,6 @@ def test_assembly_matches_manifest_and_mindspore_merge(case, strategy):
     assert_equals_merge(ck, expected_weights(case))
 
 
-@needs_dist
 def test_pipeline_stage_ranks_are_local_to_their_stage():
     ck = open_case("tp2_pp2", "per_rank")
     # stage 1 holds layer 1 and the output layer on ranks 2, 3 (local ranks 0, 1)
@@ -349,7 +344,6 @@ def test_damaged_strategy_files_are_refused(tmp_path):
         read_strategy_file(str(axis))
 
 
-@needs_dist
 def test_strategy_directory_refusals(tmp_path):
     src = os.path.join(DIST, "tp2_pp2", "output", "strategy")
     # only stage 1's files: stage 0 missing
@@ -398,7 +392,6 @@ def copy_case(case, tmp_path, name="run"):
     return copy_tree(os.path.join(DIST, case, "output"), tmp_path / name)
 
 
-@needs_dist
 def test_discovery_forms(tmp_path):
     out = os.path.join(DIST, "tp4", "output")
     rs = discover(out)
@@ -419,7 +412,6 @@ def test_discovery_forms(tmp_path):
     assert sorted(ck.ranks.files) == [0, 1, 2, 3] and len(ck.tensors) == 19
 
 
-@needs_dist
 def test_newest_complete_step_and_step_choice(tmp_path):
     run = copy_case("tp4", tmp_path)
     ck = run / "checkpoint"
@@ -435,7 +427,6 @@ def test_newest_complete_step_and_step_choice(tmp_path):
         discover(str(run), step=3)
 
 
-@needs_dist
 def test_missing_rank_and_mixed_steps_are_refused(tmp_path):
     run = copy_case("tp4", tmp_path, "hole")
     shutil.rmtree(run / "checkpoint" / "rank_1")
@@ -478,7 +469,6 @@ def rank_file(run, r):
     return d / next(e for e in os.listdir(d) if e.endswith(".safetensors"))
 
 
-@needs_dist
 def test_shape_mismatch_is_refused(tmp_path):
     run = copy_case("tp4", tmp_path)
     name = "decoder.layers.1.mlp.linear_fc2.weight"
@@ -487,7 +477,6 @@ def test_shape_mismatch_is_refused(tmp_path):
         open_distributed(str(run))
 
 
-@needs_dist
 def test_dtype_mismatch_is_refused(tmp_path):
     run = copy_case("tp4", tmp_path)
     name = "output_layer.weight"
@@ -496,7 +485,6 @@ def test_dtype_mismatch_is_refused(tmp_path):
         open_distributed(str(run))
 
 
-@needs_dist
 def test_missing_tensor_without_remove_redundancy_is_refused(tmp_path):
     run = copy_case("tp4", tmp_path)
     name = "decoder.final_layernorm.weight"  # replicated: ranks 0..3 each hold all of it
@@ -513,7 +501,6 @@ def edit_json_strategy(run, edit):
         p.write_text(json.dumps(js))
 
 
-@needs_dist
 @pytest.mark.parametrize("offsets,message", [
     ([0, 6, 16, 24], r"the pieces of rank 0 \(\[0, 8\]\) and rank 1 \(\[6, 14\]\) overlap in dimension 0"),
     ([0, 8, 16, 25], r"no rank holds \[24, 25\) of dimension 0"),
@@ -532,7 +519,6 @@ def test_overlap_and_gap_are_refused(tmp_path, offsets, message):
         open_distributed(str(run))
 
 
-@needs_dist
 def test_weight_without_layout_and_layout_without_weight_are_refused(tmp_path):
     run = copy_case("tp4", tmp_path, "nolayout")
     edit_json_strategy(run, lambda items: items.pop("decoder.layers.0.input_layernorm.weight"))
@@ -545,7 +531,6 @@ def test_weight_without_layout_and_layout_without_weight_are_refused(tmp_path):
         open_distributed(str(run))
 
 
-@needs_dist
 def test_recorded_full_shape_must_match_the_pieces(tmp_path):
     # a strategy claiming fc1 is not split at all: rank 0's [16, 32] piece would be the whole tensor,
     # but the JSON form records the full shape [64, 32]
@@ -605,7 +590,6 @@ def build_variant(case, tmp_path, replicas=1, dtype=None, remove_redundancy=Fals
     return run
 
 
-@needs_dist
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_remove_redundancy_variant_reassembles_to_mindspore_merge(tmp_path, dtype):
     run = build_variant("tp2_dp2_optshard", tmp_path, replicas=2, dtype=dtype, remove_redundancy=True)
@@ -616,7 +600,6 @@ def test_remove_redundancy_variant_reassembles_to_mindspore_merge(tmp_path, dtyp
     assert_equals_merge(ck, expected_weights("tp2_dp2_optshard", cast=dtype))
 
 
-@needs_dist
 def test_bf16_variant_reassembles_to_mindspore_merge(tmp_path):
     run = build_variant("tp2_dp2_optshard", tmp_path, dtype=torch.bfloat16)
     ck = open_distributed(str(run))
@@ -630,7 +613,6 @@ def test_bf16_variant_reassembles_to_mindspore_merge(tmp_path):
         n: [(p.rank, p.box) for p in t.pieces] for n, t in ck.tensors.items()}
 
 
-@needs_dist
 def test_remove_redundancy_piece_kept_nowhere_is_refused(tmp_path):
     name = "decoder.layers.1.self_attention.linear_proj.weight"
     run = build_variant("tp2_dp2_optshard", tmp_path, replicas=2, remove_redundancy=True, drop_everywhere=(name,))
@@ -680,7 +662,6 @@ def build_shared_embedding(tmp_path, remove_redundancy=False):
     return run
 
 
-@needs_dist
 @pytest.mark.parametrize("remove_redundancy", [False, True])
 def test_parameter_in_two_pipeline_stages(tmp_path, remove_redundancy):
     run = build_shared_embedding(tmp_path, remove_redundancy)

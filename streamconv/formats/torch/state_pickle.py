@@ -61,6 +61,17 @@ def _storage_types() -> dict:
     return {"bf16": torch.BFloat16Storage, "f32": torch.FloatStorage, "uint8": torch.ByteStorage}
 
 
+def build_tensor_pickle(dtype: str, shape: tuple, storage_key: str = "0") -> bytes:
+    """``data.pkl`` of ``torch.save(t)`` for one bare contiguous tensor ``t`` (not a dict).
+
+    This is what a torch Distributed Checkpoint item holds: FileSystemWriter
+    ``torch.save``s each chunk on its own.
+    """
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(_TensorRef(_StorageRef(storage_key, _storage_types()[dtype], numel(shape)), shape))
+    return buf.getvalue()
+
+
 def build_pickle(args, model_entries: list) -> bytes:
     """``model_entries``: (key, None) or (key, dtype, shape, storage_key) in order."""
     storage_types = _storage_types()

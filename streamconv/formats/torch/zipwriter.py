@@ -45,7 +45,9 @@ SERIALIZATION_ID = ".data/serialization_id"
 def _local_header(name: bytes, offset: int, size: int) -> bytes:
     z64 = b""
     if size >= _U32:
-        z64 += struct.pack("<QQ", size, size)
+        # written before the data, as miniz does: the compressed size is still 0 here
+        # (the data descriptor and the central directory carry the real one)
+        z64 += struct.pack("<QQ", size, 0)
     if offset >= _U32:
         # PyTorch's writer also records the header offset locally once past 4 GiB
         z64 += struct.pack("<Q", offset)
@@ -128,7 +130,10 @@ class TorchZipWriter:
     descriptor (and its fsync/rename). CRCs are computed as bytes pass.
     """
 
-    def __init__(self, fd: int, prefix: str, pickle_bytes: bytes, on_write=None):
+    def __init__(self, fd, prefix: str, pickle_bytes: bytes, on_write=None):
+        # ``fd``: an OS file descriptor, or a buffered binary stream (anything with a
+        # ``write`` that takes all it is given, e.g. ``io.BytesIO``) for small archives
+        # built in memory
         self.fd = fd
         self.prefix = prefix
         self.on_write = on_write  # called with the file offset after each write
@@ -143,10 +148,14 @@ class TorchZipWriter:
     # -- low level -------------------------------------------------------
     def _raw(self, data) -> None:
         mv = memoryview(data).cast("B")
-        while mv:
-            n = os.write(self.fd, mv)
-            mv = mv[n:]
-            self.offset += n
+        if isinstance(self.fd, int):
+            while mv:
+                n = os.write(self.fd, mv)
+                mv = mv[n:]
+                self.offset += n
+        else:
+            self.fd.write(mv)
+            self.offset += len(mv)
         if self.on_write is not None:
             self.on_write(self.offset)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 
-from ..errors import InputError
+from ...core.errors import InputError
 from .strategy import ParamLayout
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 from google.protobuf.message import DecodeError
 
-from ..errors import InputError
+from ...core.errors import InputError
 from . import strategy_pb
 
 _STAGE_PREFIX_RE = re.compile(r"(0|[1-9]\d{0,5})-(.+)")

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import InputError
-from ..names import classify
-from ..st_header import SafetensorsHeader, TensorInfo, read_header
+from ...core.errors import InputError
+from ..schemes import EntryClass, classify
+from ..header import SafetensorsHeader, TensorInfo, read_header
 from .boxes import full_shape_from_piece, rank_box
 from .ranks import RankSet
 from .strategy import Strategy
 
-_SKIP_KINDS = ("optimizer", "step", "placeholder")
+_SKIP_KINDS = (EntryClass.OPTIMIZER, EntryClass.STEP, EntryClass.PLACEHOLDER)
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ def assemble(ranks: RankSet, strategy: Strategy, headers: dict | None = None) ->
     for name in strategy.names():
         kind = classify(name).kind
         if kind in _SKIP_KINDS:
-            ckpt.skipped[kind] = ckpt.skipped.get(kind, 0) + 1
+            ckpt.skipped[kind.value] = ckpt.skipped.get(kind.value, 0) + 1
             continue
         ckpt.tensors[name] = _assemble_one(name, strategy, headers, ranks)
     laid_out = set(strategy.names())
@@ -239,8 +239,8 @@ def assemble(ranks: RankSet, strategy: Strategy, headers: dict | None = None) ->
             seen_without[name] = g
             nc = classify(name)
             if nc.kind in _SKIP_KINDS:
-                ckpt.skipped[nc.kind] = ckpt.skipped.get(nc.kind, 0) + 1
-            elif nc.kind == "weight":
+                ckpt.skipped[nc.kind.value] = ckpt.skipped.get(nc.kind.value, 0) + 1
+            elif nc.kind is EntryClass.WEIGHT:
                 raise InputError(
                     f"parameter {name!r} is in rank {g}'s file ({ranks.files[g].path}) but has no layout in the "
                     "strategy; the strategy is not this run's (give the strategy the files were saved with)"

@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from ..errors import InputError, PathError
+from ...core.errors import InputError, PathError
 
 _RANK_DIR_RE = re.compile(r"rank_(0|[1-9]\d{0,6})")
 _RANK_FILE_RE = re.compile(
