@@ -81,7 +81,7 @@ def _layer_source_bytes(index: SourceIndex) -> dict:
     for k, t in index.tensors.items():
         i = layer_of(k)
         if i is not None:
-            out[i] = out.get(i, 0) + t.info.nbytes
+            out[i] = out.get(i, 0) + t.nbytes
     return out
 
 
@@ -128,11 +128,11 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
 
     src = index.tensors
     largest_layer = max(_layer_source_bytes(index).values())
-    largest_tensor = max(t.info.nbytes for t in src.values())
+    largest_tensor = max(t.nbytes for t in src.values())
     max_row = 0
     for t in src.values():
         rows = t.shape[0] if t.shape else 1
-        max_row = max(max_row, t.info.nbytes // max(rows, 1))
+        max_row = max(max_row, t.nbytes // max(rows, 1))
     floor = memory.floor_bytes() if floor is None else floor
     explicit = o.max_memory is not None
     budget = o.max_memory if explicit else memory.default_budget(largest_layer)

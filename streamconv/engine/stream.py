@@ -28,7 +28,8 @@ import torch
 
 from ..core.background import BackgroundWorker
 from ..megatron.entries import EntryKind, OutDtype
-from ..sources.mapped import MappedFiles, byte_span, read_rows, row_geometry
+from ..core.shapes import as_matrix
+from ..sources.mapped import MappedFiles
 from . import memory
 
 _TORCH_DTYPES = {OutDtype.BF16: torch.bfloat16, OutDtype.F32: torch.float32}
@@ -144,13 +145,29 @@ class Streamer:
         if self.on_read:
             self.on_read(nbytes)
 
+    # -- pages of a source tensor's rows -------------------------------------------------
+    def _populate(self, src, a: int, b: int) -> None:
+        for path, lo, hi in src.spans(a, b):
+            self.files.populate(path, lo, hi)
+
+    def _prefetch(self, src, a: int, b: int) -> None:
+        for path, lo, hi in src.spans(a, b):
+            self.files.prefetch(path, lo, hi)
+
+    def _release(self, src, a: int, b: int) -> int:
+        """Drop the pages of rows [a, b); return their bytes."""
+        n = 0
+        for path, lo, hi in src.spans(a, b):
+            self.files.release(path, lo, hi)
+            n += hi - lo
+        return n
+
     # -- readers -----------------------------------------------------------------------
     def _columns_lockstep(self, groups) -> None:
         """Row-parallel weight: read each row block once, send its column slices to their files."""
         p0 = groups[0][0][1].pieces[0]
-        info, path = p0.src.info, p0.src.path
-        _, full_cols = row_geometry(info)
-        row_bytes = full_cols * info.itemsize
+        src = p0.src
+        row_bytes = as_matrix(src.shape)[1] * src.itemsize
         rows_per_block = max(1, self.block // max(row_bytes, 1))
         for g in groups:
             self._begin(g)
@@ -158,19 +175,17 @@ class Streamer:
         while a < p0.stop:
             b = min(p0.stop, a + rows_per_block)
             if b < p0.stop:
-                self.files.prefetch(path, *byte_span(info, b, min(p0.stop, b + rows_per_block)))
-            self.files.populate(path, *byte_span(info, a, b))
-            block = read_rows(self.files, path, info, a, b, staging=self.staging)
+                self._prefetch(src, b, min(p0.stop, b + rows_per_block))
+            self._populate(src, a, b)
+            block = src.read(self.files, a, b, staging=self.staging)
             for g in groups:
                 e = g[0][1]
                 p = e.pieces[0]
                 buf = self._take()
-                n = self._convert(block[:, p.col0:p.col1], info.dtype, buf, e.dtype)
+                n = self._convert(block[:, p.col0:p.col1], src.dtype, buf, e.dtype)
                 self._send([w for w, _ in g], buf, n)
             del block
-            lo, hi = byte_span(info, a, b)
-            self.files.release(path, lo, hi)
-            self._read(hi - lo)
+            self._read(self._release(src, a, b))
             a = b
         for g in groups:
             self._end(g)
@@ -185,11 +200,11 @@ class Streamer:
 
     def _repeated(self, p, out_dtype, writers) -> None:
         """One source row repeated (vocab padding)."""
-        info, path = p.src.info, p.src.path
-        row = read_rows(self.files, path, info, p.start, p.start + 1, 1, p.col0, p.col1, self.staging)
+        src = p.src
+        row = src.read(self.files, p.start, p.start + 1, 1, p.col0, p.col1, self.staging)
         row = torch.from_numpy(np.array(row))  # one row, owned
-        if info.dtype in _SOURCE_VIEW:
-            row = row.view(_SOURCE_VIEW[info.dtype])
+        if src.dtype in _SOURCE_VIEW:
+            row = row.view(_SOURCE_VIEW[src.dtype])
         out_row = p.ncols * out_dtype.itemsize
         left = p.repeat
         per = max(1, self.block // out_row)
@@ -200,14 +215,13 @@ class Streamer:
             buf[:n].view(_TORCH_DTYPES[out_dtype]).view(k, p.ncols).copy_(row.expand(k, p.ncols))
             self._send(writers, buf, n)
             left -= k
-        lo, hi = byte_span(info, p.start, p.start + 1)
-        self.files.release(path, lo, hi)
+        self._release(src, p.start, p.start + 1)
 
     def _rows(self, p, out_dtype, writers) -> None:
         """Rows ``start:stop:step`` (columns col0:col1) in blocks."""
-        info, path = p.src.info, p.src.path
-        _, full_cols = row_geometry(info)
-        row_bytes = full_cols * info.itemsize
+        src = p.src
+        src_rows, full_cols = as_matrix(src.shape)
+        row_bytes = full_cols * src.itemsize
         out_row = p.ncols * out_dtype.itemsize
         step = p.step
         per = max(1, min(self.block // max(row_bytes * step, 1), self.block // out_row))
@@ -219,17 +233,16 @@ class Streamer:
             stop = p.start + (j - 1) * step + 1
             if j < total:
                 nxt = p.start + min(total, j + per) * step
-                self.files.prefetch(path, *byte_span(info, stop, min(nxt, info.shape[0] if info.shape else 1)))
+                self._prefetch(src, stop, min(nxt, src_rows))
             if step == 1:
-                self.files.populate(path, *byte_span(info, start, stop))
-            view = read_rows(self.files, path, info, start, stop, step, p.col0, p.col1, self.staging)
+                self._populate(src, start, stop)
+            view = src.read(self.files, start, stop, step, p.col0, p.col1, self.staging)
             buf = self._take()
-            n = self._convert(view, info.dtype, buf, out_dtype)
+            n = self._convert(view, src.dtype, buf, out_dtype)
             del view
             self._send(writers, buf, n)
-            lo, hi = byte_span(info, start, stop)
-            self.files.release(path, lo, hi)
-            self._read((j - i) * p.ncols * info.itemsize)
+            self._release(src, start, stop)
+            self._read((j - i) * p.ncols * src.itemsize)
             i = j
 
     def _transposed(self, p, out_dtype, writers) -> None:
@@ -241,12 +254,12 @@ class Streamer:
         on both sides. With a block that holds the whole transposed tensor (the
         usual case), every source byte is read exactly once.
         """
-        info, path = p.src.info, p.src.path
-        _, full_cols = row_geometry(info)
+        src = p.src
+        full_cols = as_matrix(src.shape)[1]
         out_rows, out_cols = p.nrows, p.ncols
         out_row = out_cols * out_dtype.itemsize
         per_out = max(1, self.block // max(out_row, 1))
-        per_src = max(1, self.block // max(full_cols * info.itemsize, 1))
+        per_src = max(1, self.block // max(full_cols * src.itemsize, 1))
         j = 0
         while j < out_rows:
             k = min(out_rows, j + per_out)
@@ -256,14 +269,13 @@ class Streamer:
             a = p.start
             while a < p.stop:
                 b = min(p.stop, a + per_src)
-                self.files.populate(path, *byte_span(info, a, b))
-                view = read_rows(self.files, path, info, a, b, 1, p.col0 + j, p.col0 + k, self.staging)
-                self._convert(view, info.dtype, buf, out_dtype, transpose=True,
+                self._populate(src, a, b)
+                view = src.read(self.files, a, b, 1, p.col0 + j, p.col0 + k, self.staging)
+                self._convert(view, src.dtype, buf, out_dtype, transpose=True,
                               into=out[:, a - p.start:b - p.start])
                 del view
-                lo, hi = byte_span(info, a, b)
-                self.files.release(path, lo, hi)
-                self._read((b - a) * (k - j) * info.itemsize)
+                self._release(src, a, b)
+                self._read((b - a) * (k - j) * src.itemsize)
                 a = b
             self._send(writers, buf, n)
             j = k

@@ -40,7 +40,7 @@ class SourceIndex:
 
     @property
     def total_bytes(self) -> int:
-        return sum(t.info.nbytes for t in self.tensors.values())
+        return sum(t.nbytes for t in self.tensors.values())
 
     def fingerprint(self) -> list:
         """What identifies this input for ``--resume``: files with size and mtime."""

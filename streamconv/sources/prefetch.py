@@ -40,11 +40,13 @@ def start(index, cap: int | None = None) -> threading.Thread | None:
     cap = min(cap or DEFAULT_CAP, psutil.virtual_memory().available // 4)
     ranges, total = [], 0
     for t in _order(index):
-        if total >= cap:
-            break
-        n = min(t.info.nbytes, cap - total)
-        ranges.append((t.path, t.info.start, n))
-        total += n
+        rows = t.shape[0] if t.shape else 1
+        for path, lo, hi in t.spans(0, rows):
+            if total >= cap:
+                break
+            n = min(hi - lo, cap - total)
+            ranges.append((path, lo, n))
+            total += n
 
     def run():
         fds: dict = {}

@@ -5,6 +5,13 @@ name, where its bytes are (file, header entry) and which naming scheme it came
 from. It is immutable and hashable, so mapping rules and the stream can use it
 as an identity (two pieces that read the same tensor's same rows are the same
 read).
+
+It is also how the stream reads: :meth:`SourceTensor.read` returns a block of
+rows and :meth:`SourceTensor.spans` the file byte ranges behind them (to
+populate, prefetch and release pages). A tensor stored differently — cut into
+slices over several files, as per-rank training output is — is another class
+with the same five members (``shape``, ``dtype``, ``itemsize``, ``read``,
+``spans``), and nothing downstream changes.
 """
 
 from __future__ import annotations
@@ -29,6 +36,26 @@ class SourceTensor:
     @property
     def dtype(self) -> str:
         return self.info.dtype
+
+    @property
+    def itemsize(self) -> int:
+        return self.info.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    def spans(self, start: int, stop: int) -> list:
+        """[(path, lo, hi)]: the absolute file byte ranges holding rows [start, stop)."""
+        from .mapped import byte_span
+
+        return [(self.path, *byte_span(self.info, start, stop))]
+
+    def read(self, files, start: int, stop: int, step: int = 1, col0: int = 0, col1=None, staging=None):
+        """Rows ``start:stop:step``, columns ``col0:col1`` as a 2-D numpy array (a view where possible)."""
+        from .mapped import read_rows
+
+        return read_rows(files, self.path, self.info, start, stop, step, col0, col1, staging)
 
 
 @dataclass
