@@ -50,8 +50,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     g = p.add_argument_group("input and output")
-    g.add_argument("--load-dir", required=True, help="MindSpore safetensors checkpoint: a file, a directory, an "
-                   "index/param_name_map.json, a unified directory or mindformers' iteration output")
+    g.add_argument("--load-dir", required=True, help="MindSpore safetensors checkpoint (a file, a directory, an "
+                   "index/param_name_map.json, a unified directory or mindformers' iteration output) or a Hugging "
+                   "Face model directory (config.json + model.safetensors or shards with their index)")
+    g.add_argument("--model-config", metavar="FILE",
+                   help="the model's Hugging Face config.json (default: the one beside --load-dir): architecture, "
+                        "rope base, context length, norm epsilon, dimensions; flags given override it")
     g.add_argument("--save-dir", required=True, help="directory for the Megatron-LM checkpoint")
     lay = p.add_argument_group("source layouts (mindformers' training options)")
     lay.add_argument("--fc1-layout", choices=FC1_LAYOUTS, default="interleaved",
@@ -107,6 +111,10 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     a.add_argument("--rotary-interleaved", action="store_true")
     a.add_argument("--attention-dropout", type=float, default=0.1)
     a.add_argument("--hidden-dropout", type=float, default=0.1)
+    a.add_argument("--norm-epsilon", type=float, help="norm epsilon recorded in args (config.json rms_norm_eps); "
+                   "Megatron does not read it from the checkpoint")
+    a.add_argument("--use-rope-scaling", action="store_true", help="Llama 3.1 rope scaling recorded in args "
+                   "(config.json rope_scaling llama3); Megatron does not read it from the checkpoint")
     o.add_argument("--megatron-path", help=argparse.SUPPRESS)
     o.add_argument("--ms2torch-ckpt-path", help=argparse.SUPPRESS)
     o.add_argument("--max-queue-size", type=int, help=argparse.SUPPRESS)
@@ -131,7 +139,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="streamconv",
-        description="Stream a MindSpore Transformers safetensors checkpoint into a Megatron-LM core checkpoint.",
+        description="Stream a MindSpore Transformers safetensors checkpoint (or a Hugging Face Llama/Qwen2/Qwen3 "
+                    "model) into a Megatron-LM core checkpoint.",
     )
     p.add_argument("--version", action="version", version=f"streamconv {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{convert,plan,verify}")
@@ -150,7 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def options_from_args(a: argparse.Namespace) -> ConvertOptions:
+def given_fields(argv: list) -> frozenset:
+    """Option fields the command line sets explicitly: parsed again with every default suppressed."""
+    parser = build_parser()
+    for action in parser._subparsers._group_actions:  # noqa: SLF001 - argparse has no public way in
+        for sub in action.choices.values():
+            for act in sub._actions:  # noqa: SLF001
+                act.default = argparse.SUPPRESS
+    names = {f.name for f in fields(ConvertOptions)}
+    return frozenset(k for k in vars(parser.parse_args(argv)) if k in names)
+
+
+def options_from_args(a: argparse.Namespace, argv: list | None = None) -> ConvertOptions:
     notices = []
     for k, msg in IGNORED.items():
         if getattr(a, k, None) not in (None, False) and msg:
@@ -167,6 +187,8 @@ def options_from_args(a: argparse.Namespace) -> ConvertOptions:
         notices=notices,
     )
     o = ConvertOptions(**given)
+    if argv is not None:
+        o.given = given_fields(argv)
     return o
 
 
@@ -195,7 +217,7 @@ def _main(argv: list) -> int:
     if a.command == "convert":
         from .run.convert import convert
 
-        o = options_from_args(a)
+        o = options_from_args(a, argv)
         prog = Progress(quiet=o.quiet)
         summary = convert(o, prog)
         _write_json(a.json_summary, summary)
@@ -204,7 +226,7 @@ def _main(argv: list) -> int:
         from .engine.describe import describe
         from .engine.plan import build_plan
 
-        o = options_from_args(a)
+        o = options_from_args(a, argv)
         plan = build_plan(o)
         print(describe(plan))
         return 0
@@ -213,7 +235,7 @@ def _main(argv: list) -> int:
     from .run.verify import verify
 
     base = ConvertOptions(load_dir=a.load_dir, fc1_layout=a.fc1_layout, qkv_layout=a.qkv_layout,
-                          max_memory=parse_size(a.max_memory) if a.max_memory else None)
+                          max_memory=parse_size(a.max_memory) if a.max_memory else None, model_config=a.model_config)
     report = verify(a.load_dir, a.save_dir, base)
     d = report.as_dict()
     d["peak_rss_bytes"] = peak_rss()

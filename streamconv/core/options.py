@@ -9,7 +9,7 @@ serialise as them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
 
 
@@ -60,7 +60,7 @@ TRANSFORMER_IMPLS = TransformerImpl.values()
 
 #: options that do not change the output bytes (not part of a run's identity)
 RUNTIME_FIELDS = ("save_dir", "max_memory", "overwrite", "resume", "verify", "quiet", "notices",
-                  "loader_transformer_impl")
+                  "loader_transformer_impl", "model_config", "given")
 
 
 @dataclass
@@ -113,6 +113,12 @@ class ConvertOptions:
     # so that a first-version command line still produces byte-identical files --
     target_expert_tensor_parallel_size: int | None = None
     ckpt_format: str = CkptFormat.TORCH.value
+    # Values a model config (Hugging Face config.json) tells; written to args only when known.
+    norm_epsilon: float | None = None
+    use_rope_scaling: bool = False
+    model_config: str | None = None  # a config.json to read (default: the one beside --load-dir)
+    #: option fields the caller set explicitly (a flag given beats the config file); None: those not at their default
+    given: frozenset | None = None
 
     def check(self) -> None:
         """Refuse flag values that are wrong whatever the checkpoint (before any header is read)."""
@@ -131,15 +137,22 @@ class ConvertOptions:
             if value is None or value < 1:
                 raise FlagError(f"{flag} {value}: must be a positive integer")
 
+    def was_given(self, name: str) -> bool:
+        """Whether the caller chose this field's value (so a config file must not replace it)."""
+        if self.given is not None:
+            return name in self.given
+        return getattr(self, name) != _DEFAULTS[name]
+
     def fingerprint(self) -> dict:
         """The options that decide the output bytes (compared by ``--resume``, seeding file ids)."""
         d = asdict(self)
         for k in RUNTIME_FIELDS:
             d.pop(k, None)
         for f in fields(self)[_FIRST_ADDED:]:
-            if d.get(f.name) == f.default:
+            if f.name in d and d[f.name] == f.default:
                 d.pop(f.name)
         return d
 
 
+_DEFAULTS = {f.name: f.default for f in fields(ConvertOptions) if f.default is not MISSING}
 _FIRST_ADDED = [f.name for f in fields(ConvertOptions)].index("target_expert_tensor_parallel_size")

@@ -28,6 +28,7 @@ from ..megatron.layout import stage_entries, stage_layers
 from ..megatron.parallel import ParallelSizes, Rank, check_model, stage_ranks
 from ..model.config import ModelConfig
 from ..model.resolve import check_layers, resolve_config
+from ..sources.hints import hf_config
 from ..sources.index import SourceIndex, index_checkpoint
 from ..sources.schemes import layer_of
 from . import memory
@@ -105,8 +106,10 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     if o.target_expert_parallel_size not in (None, 1):
         raise FlagError(f"--target-expert-parallel-size {o.target_expert_parallel_size}: these are dense models; use 1")
     fmt = get_format(o.ckpt_format)
+    model_config = _read_model_config(o)  # before the weights: an unsupported architecture is named first
     index = index_checkpoint(o.load_dir)
     o.check()
+    config_notes = _apply_model_config(o, index, model_config)
     cfg = resolve_config(index, o)
     sizes = ParallelSizes.from_options(o)
     check_model(cfg, sizes)
@@ -117,13 +120,15 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     layouts = scheme.source_layouts(o)
     args = megatron_args(cfg, o, sizes)
     input_fp = index.fingerprint()
-    seed_opts = {k: v for k, v in o.fingerprint().items() if k != "load_dir"}
     stages = []
     for p in range(sizes.pp):
         specs = stage_entries(cfg, index.tensors, p, sizes.pp, o.saver_transformer_impl, layouts)
         ranks = [RankEntries(c, [resolve(s, Rank(c, sizes)) for s in specs]) for c in stage_ranks(sizes, p)]
         stages.append(StagePlan(p, stage_layers(cfg, sizes.pp, p), ranks))
-    seed = [seed_opts, [(os.path.basename(f), sz) for f, sz, _ in input_fp]]
+    # File ids derive from what the output is (its args and the weights it holds), not from how the input
+    # files or flags were spelled: the same weights under another naming scheme (a Hugging Face model and
+    # the mindformers checkpoint made from it) converted to the same args give byte-identical files.
+    seed = [sorted(vars(args).items()), sorted((k, list(t.shape)) for k, t in index.tensors.items())]
     fplan = fmt.plan(PlanInput(stages, sizes, args, seed))
 
     src = index.tensors
@@ -138,6 +143,7 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     budget = o.max_memory if explicit else memory.default_budget(largest_layer)
     block, predicted = memory.plan_blocks(budget, floor, max_row, largest_tensor, explicit)
     notes = []
+    notes += config_notes
     notes += scheme.notes(cfg, o)
     notes += _vocab_notes(cfg, sizes.tp)
     if cfg.inferred:
@@ -146,6 +152,60 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     notes += list(o.notices)
     return Plan(o, index, cfg, sizes, fmt, fplan.groups, fplan.final_files, args, budget, explicit, block,
                 floor, predicted, notes, input_fp)
+
+
+def _read_model_config(o: ConvertOptions):
+    """The Hugging Face config.json named by --model-config or beside the input (None if there is none)."""
+    if not os.path.exists(o.load_dir):
+        return None  # locate names the missing path
+    path = hf_config.find(o.load_dir, o.model_config)
+    return None if path is None else hf_config.load(path, explicit=bool(o.model_config))
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _apply_model_config(o: ConvertOptions, index: SourceIndex, mc) -> list:
+    """Fill the option fields the user did not set from the model config; return the notes saying so.
+
+    Stand-in for the generic "flag given > config file > default" plumbing (issue 8 item 12): the
+    hints are ``option field -> (value, origin)`` from :meth:`HfConfig.collect`.
+    """
+    if mc is None:
+        if index.scheme.needs_model_config:
+            raise InputError(
+                f"{o.load_dir}: {index.scheme.description} without a config.json beside them; streamconv needs the "
+                "model's config.json to tell the architecture (other models share these names) and the values the "
+                "weights cannot tell: put it beside the weights or pass --model-config FILE"
+            )
+        return []
+    hints, drop, notes = mc.collect(index.tensors)
+    for name in drop:
+        index.tensors.pop(name, None)
+    taken, kept = [], []
+    for fld, (value, origin) in hints.items():
+        if o.was_given(fld):
+            if getattr(o, fld) != value:
+                kept.append(f"{_flag(fld)} {getattr(o, fld)} (given) instead of {origin} {value}")
+            continue
+        setattr(o, fld, value)
+        taken.append(f"{fld}={value} ({origin.split(' ', 1)[1]})")
+    if o.max_position_embeddings is not None and o.max_position_embeddings < o.seq_length \
+            and not o.was_given("max_position_embeddings"):
+        raise FlagError(f"--seq-length {o.seq_length} is longer than {mc.name} max_position_embeddings "
+                        f"{o.max_position_embeddings}; pass a shorter --seq-length (or --max-position-embeddings)")
+    out = [f"from {mc.path} ({mc.architecture}): " + (", ".join(taken) if taken else "nothing (all given)")]
+    out += [f"{k}" for k in kept]
+    run_flags = []
+    if o.norm_epsilon is not None:
+        run_flags.append(f"--norm-epsilon {o.norm_epsilon:g}")
+    if o.use_rope_scaling:
+        run_flags.append("--use-rope-scaling")
+    if run_flags:
+        out.append(f"Megatron does not read {' / '.join(f.split()[0][2:].replace('-', '_') for f in run_flags)} from "
+                   f"the checkpoint (--use-checkpoint-args): run it with {' '.join(run_flags)}")
+    return out + notes
 
 
 def _resolve_vocab_file(o: ConvertOptions) -> None:

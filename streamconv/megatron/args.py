@@ -41,6 +41,8 @@ OPTIONS_IN_ARGS = {
     "attention_dropout": "attention_dropout",
     "hidden_dropout": "hidden_dropout",
     "padded_vocab_override": "padded_vocab_size",
+    "norm_epsilon": "norm_epsilon",
+    "use_rope_scaling": "use_rope_scaling",
 }
 
 
@@ -117,6 +119,12 @@ def megatron_args(cfg, o: ConvertOptions, sizes: ParallelSizes) -> argparse.Name
     ]
     if cfg.qk_layernorm:
         fields.append(("qk_layernorm", True))
+    # Known only from a model config (config.json); Megatron's load path does not read them (the user passes
+    # --norm-epsilon / --use-rope-scaling), but the official pipeline's full args carry both, so they are recorded.
+    if o.norm_epsilon is not None:
+        fields.append(("norm_epsilon", o.norm_epsilon))
+    if o.use_rope_scaling:
+        fields.append(("use_rope_scaling", True))
     fields.append(("transformer_impl", o.saver_transformer_impl))
     ns = argparse.Namespace()
     for k, v in fields:
