@@ -238,6 +238,10 @@ class HfConfig:
                              f"layers (model.layers.{layers[0]}..{layers[-1]}); config.json and the weights are not "
                              "the same model")
         nq, ng, d = self.heads()
+        dkey = "head_dim" if self.raw.get("head_dim") is not None else "hidden_size / num_attention_heads"
+        qn = t("decoder.layers.0.self_attention.q_layernorm.weight")
+        if qn is not None and d is not None and qn.shape[0] != d:
+            raise self._disagree(dkey, d, qn, f"has {qn.shape[0]} entries (one per head dim)")
         for key, value, name, rows in (
             ("num_attention_heads", nq, "self_attention.linear_q.weight", None if nq is None or d is None else nq * d),
             ("num_key_value_heads", ng, "self_attention.linear_k.weight", None if ng is None or d is None else ng * d),
@@ -248,12 +252,8 @@ class HfConfig:
                 continue
             want = value if rows is None else rows
             if tensor.shape[0] != want:
-                shown = value if rows is None else f"{value} (x head dim {d} = {rows} rows)"
+                shown = value if rows is None else f"{value} (x {dkey} {d} = {rows} rows)"
                 raise self._disagree(key, shown, tensor, f"has {tensor.shape[0]} rows")
-        qn = t("decoder.layers.0.self_attention.q_layernorm.weight")
-        if qn is not None and d is not None and qn.shape[0] != d:
-            key = "head_dim" if "head_dim" in self.raw else "hidden_size / num_attention_heads"
-            raise self._disagree(key, d, qn, f"has {qn.shape[0]} entries (one per head dim)")
         self._check_structure(tensors)
 
     def _check_structure(self, tensors: dict) -> None:
