@@ -149,7 +149,8 @@ def test_hf_plan_notes_config_values_and_assumes_no_layout(tmp_path):
 def write_hf(d: str, arch: str, *, layers: int, hidden: int, ffn: int, heads: int, kv: int, vocab: int,
              head_dim: int | None = None, tied: bool = False, qkv_bias: bool = False, qk_norm: bool = False,
              rope_theta: float = 10000.0, eps: float = 1e-6, max_pos: int = 4096, seed: int = 0,
-             extra: dict | None = None, shards: int = 1, write_head_when_tied: bool = False) -> dict:
+             extra: dict | None = None, shards: int = 1, write_head_when_tied: bool = False,
+             inv_freq: bool = False) -> dict:
     """A random HF model as transformers' save_pretrained lays it out; returns name -> tensor."""
     g = torch.Generator().manual_seed(seed)
     d_ = head_dim or hidden // heads
@@ -179,6 +180,8 @@ def write_hf(d: str, arch: str, *, layers: int, hidden: int, ffn: int, heads: in
         t[p + "mlp.gate_proj.weight"] = w(ffn, hidden)
         t[p + "mlp.up_proj.weight"] = w(ffn, hidden)
         t[p + "mlp.down_proj.weight"] = w(hidden, ffn)
+        if inv_freq:  # a buffer transformers < 4.31 saved with the weights
+            t[p + "self_attn.rotary_emb.inv_freq"] = 1.0 / rope_theta ** (torch.arange(0, d_, 2).float() / d_)
     t["model.norm.weight"] = norm(hidden)
     if not tied or write_head_when_tied:
         t["lm_head.weight"] = w(vocab, hidden)
@@ -347,6 +350,18 @@ def test_sharded_hf_checkpoint_converts_like_one_file(hf_models, converted, tmp_
     same_files(save, converted[("llama", 2, 2)])
 
 
+def test_saved_rotary_inv_freq_buffers_are_skipped(converted, tmp_path):
+    spec = dict(LLAMA)
+    d = str(tmp_path / "inv_freq")
+    t = write_hf(d, spec.pop("arch"), inv_freq=True, **spec)
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" in t
+    save = str(tmp_path / "out")
+    convert(["--load-dir", d, "--save-dir", save, "--saver-transformer-impl", "local"])
+    same_files(save, converted[("llama", 1, 1)])
+    _, plan_out, _ = streamconv(["plan", "--load-dir", d, "--save-dir", str(tmp_path / "p")])
+    assert "skipped 4 placeholder entries without weights (dropout, rotary inv_freq)" in plan_out
+
+
 def test_load_dir_may_name_config_json(hf_models, converted, tmp_path):
     save = str(tmp_path / "out")
     convert(["--load-dir", os.path.join(hf_models["qwen3"][0], "config.json"), "--save-dir", save,
@@ -367,10 +382,10 @@ def test_tied_model_with_a_stored_lm_head_ignores_it_like_transformers(hf_models
     t = write_hf(d, spec.pop("arch"), write_head_when_tied=True, **spec)
     assert "lm_head.weight" in t
     save = str(tmp_path / "out")
-    out = convert(["--load-dir", d, "--save-dir", save, "--saver-transformer-impl", "local",
+    convert(["--load-dir", d, "--save-dir", save, "--saver-transformer-impl", "local",
                    "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"])
     same_files(save, converted[("qwen3", 2, 2)])  # the same weights otherwise (same seed)
-    code, plan_out, _ = streamconv(["plan", "--load-dir", d, "--save-dir", str(tmp_path / "p")])
+    _, plan_out, _ = streamconv(["plan", "--load-dir", d, "--save-dir", str(tmp_path / "p")])
     assert "lm_head.weight is not converted" in plan_out
 
 
@@ -407,10 +422,10 @@ def test_llama31_rope_scaling_is_recorded(tmp_path):
     d = str(tmp_path / "l31")
     write_hf(d, spec.pop("arch"), extra={"rope_scaling": scaling}, **spec)
     save = str(tmp_path / "out")
-    out = convert(["--load-dir", d, "--save-dir", save])
+    convert(["--load-dir", d, "--save-dir", save])
     args = rank_files(save, 1, 1)[(0, 0)]["args"]
     assert args.use_rope_scaling is True and args.rotary_base == 500000
-    code, plan_out, _ = streamconv(["plan", "--load-dir", d, "--save-dir", str(tmp_path / "p")])
+    _, plan_out, _ = streamconv(["plan", "--load-dir", d, "--save-dir", str(tmp_path / "p")])
     assert "--use-rope-scaling" in plan_out
 
 

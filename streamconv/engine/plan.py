@@ -196,15 +196,16 @@ def _apply_model_config(o: ConvertOptions, index: SourceIndex, mc) -> list:
         raise FlagError(f"--seq-length {o.seq_length} is longer than {mc.name} max_position_embeddings "
                         f"{o.max_position_embeddings}; pass a shorter --seq-length (or --max-position-embeddings)")
     out = [f"from {mc.path} ({mc.architecture}): " + (", ".join(taken) if taken else "nothing (all given)")]
-    out += [f"{k}" for k in kept]
-    run_flags = []
+    out += kept
+    # recorded in args, but Megatron's load_args_from_checkpoint does not read them back
+    unread = {}
     if o.norm_epsilon is not None:
-        run_flags.append(f"--norm-epsilon {o.norm_epsilon:g}")
+        unread["norm_epsilon"] = f"--norm-epsilon {o.norm_epsilon:g}"
     if o.use_rope_scaling:
-        run_flags.append("--use-rope-scaling")
-    if run_flags:
-        out.append(f"Megatron does not read {' / '.join(f.split()[0][2:].replace('-', '_') for f in run_flags)} from "
-                   f"the checkpoint (--use-checkpoint-args): run it with {' '.join(run_flags)}")
+        unread["use_rope_scaling"] = "--use-rope-scaling"
+    if unread:
+        out.append(f"Megatron does not read {' or '.join(unread)} from the checkpoint (--use-checkpoint-args): "
+                   f"run it with {' '.join(unread.values())}")
     return out + notes
 
 

@@ -78,7 +78,7 @@ class Skipped:
         if self.steps:
             out.append(f"skipped {self.steps} step/loss-scale entries (global_step, learning_rate, ...)")
         if self.placeholders:
-            out.append(f"skipped {self.placeholders} dropout placeholder entries (no weights)")
+            out.append(f"skipped {self.placeholders} placeholder entries without weights (dropout, rotary inv_freq)")
         for path, reason in self.files:
             out.append(f"skipped file {path}: {reason}")
         return out

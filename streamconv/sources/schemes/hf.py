@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 
 from ...core.options import Fc1Layout, QkvLayout
-from .base import LAYER_INDEX, InputScheme, SourceLayouts
+from .base import LAYER_INDEX, EntryClass, InputScheme, NameClass, SourceLayouts
 
 #: per-layer weights that need MoE / MLA support: (pattern on the per-layer suffix, what they are)
 PENDING = (
@@ -78,6 +78,13 @@ class HuggingFace(InputScheme):
     layer_pattern = re.compile(rf"model\.layers\.{LAYER_INDEX}\.(.+)")
     exclusive = True  # fused mindformers tensors beside HF ones would need layout flags this scheme ignores
     needs_model_config = True  # Gemma, Mistral, ... use these names with other maths; config.json tells
+
+    def canonical(self, name: str) -> NameClass | None:
+        m = self.layer_pattern.fullmatch(name)
+        if m and m.group(2) == "self_attn.rotary_emb.inv_freq":
+            # a buffer older transformers versions saved: recomputed from rope_theta, not a weight
+            return NameClass(EntryClass.PLACEHOLDER)
+        return super().canonical(name)
 
     def source_layouts(self, options) -> SourceLayouts:
         # Nothing is stored fused; the layout flags describe mindformers' fused tensors only.
