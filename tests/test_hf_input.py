@@ -383,7 +383,7 @@ def test_tied_model_with_a_stored_lm_head_ignores_it_like_transformers(hf_models
     assert "lm_head.weight" in t
     save = str(tmp_path / "out")
     convert(["--load-dir", d, "--save-dir", save, "--saver-transformer-impl", "local",
-                   "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"])
+             "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"])
     same_files(save, converted[("qwen3", 2, 2)])  # the same weights otherwise (same seed)
     _, plan_out, _ = streamconv(["plan", "--load-dir", d, "--save-dir", str(tmp_path / "p")])
     assert "lm_head.weight is not converted" in plan_out
