@@ -52,18 +52,21 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     g = p.add_argument_group("input and output")
     g.add_argument("--load-dir", required=True, help="MindSpore safetensors checkpoint (a file, a directory, an "
                    "index/param_name_map.json, a unified directory or mindformers' iteration output) or a Hugging "
-                   "Face model directory (config.json + model.safetensors or shards with their index)")
-    g.add_argument("--model-config", metavar="FILE",
-                   help="the model's Hugging Face config.json (default: the one beside --load-dir): architecture, "
-                        "rope base, context length, norm epsilon, dimensions; flags given override it")
+                   "Face Llama/Qwen2/Qwen3 model directory (config.json + model.safetensors or shards with their "
+                   "index)")
     g.add_argument("--save-dir", required=True, help="directory for the Megatron-LM checkpoint")
     lay = p.add_argument_group("source layouts (mindformers' training options)")
-    lay.add_argument("--fc1-layout", choices=FC1_LAYOUTS, default="interleaved",
+    lay.add_argument("--fc1-layout", choices=FC1_LAYOUTS, default=None,
                      help="gated linear_fc1 row layout: 'interleaved' = use_interleaved_weight_layout_mlp: True "
-                          "(mindformers default), 'concat' = [gate; up]")
-    lay.add_argument("--qkv-layout", choices=QKV_LAYOUTS, default="grouped",
+                          "(mindformers default), 'concat' = [gate; up]. Default: from a mindformers YAML beside "
+                          "the input, else interleaved")
+    lay.add_argument("--qkv-layout", choices=QKV_LAYOUTS, default=None,
                      help="linear_qkv row layout: 'grouped' = per query group [q;k;v] (mindformers default "
-                          "use_contiguous_weight_layout_attention: False), 'contiguous' = [all Q; all K; all V]")
+                          "use_contiguous_weight_layout_attention: False), 'contiguous' = [all Q; all K; all V]. "
+                          "Default: from a mindformers YAML beside the input, else grouped")
+    lay.add_argument("--model-config", metavar="FILE",
+                     help="Hugging Face config.json or mindformers YAML to take the values the weights cannot "
+                          "tell from (default: a config.json, or the only *.yaml, beside the input)")
     if verify:
         return
     o = p.add_argument_group("official convert.py flags")
@@ -72,7 +75,10 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     o.add_argument("--saver", default="core", help="must be core (or mcore): Megatron-LM core legacy checkpoint")
     o.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP")
     o.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP")
-    o.add_argument("--target-expert-parallel-size", type=int, default=1, help="must be 1 (dense models)")
+    o.add_argument("--target-expert-parallel-size", type=int, default=1, metavar="EP",
+                   help="expert parallel size of the output (MoE models; default 1)")
+    o.add_argument("--target-expert-tensor-parallel-size", type=int, default=None, metavar="ETP",
+                   help="tensor parallel size inside each expert (default: TP, Megatron's default)")
     o.add_argument("--saver-transformer-impl", choices=TRANSFORMER_IMPLS, default="transformer_engine",
                    help="key names of the output (official default: transformer_engine)")
     o.add_argument("--loader-transformer-impl", choices=TRANSFORMER_IMPLS, default=None,
@@ -87,7 +93,8 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
                    "--true-vocab-size is given (then it is recomputed)")
     o.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     o.add_argument("--num-layers", type=int)
-    o.add_argument("--seq-length", type=int, default=2048, help="sequence length stored in args (default 2048)")
+    o.add_argument("--seq-length", type=int, default=None,
+                   help="sequence length stored in args (default: from a mindformers YAML, else 2048)")
     o.add_argument("--max-position-embeddings", type=int,
                    help="default: 2048, or --seq-length when that is larger")
     o.add_argument("--hidden-size", type=int)
@@ -104,17 +111,49 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     o.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="accepted; inferred from the presence of output_layer.weight")
     o.add_argument("--tokenizer-type", default="HuggingFaceTokenizer")
+    o.add_argument("--decoder-first-pipeline-num-layers", type=int, metavar="N",
+                   help="layers of the first pipeline stage when PP does not divide the layers evenly")
+    o.add_argument("--decoder-last-pipeline-num-layers", type=int, metavar="N",
+                   help="layers of the last pipeline stage (Megatron's uneven pipeline split)")
+    m = p.add_argument_group("mixture of experts and multi-latent attention (Megatron's flag names; the shapes "
+                             "decide the sizes, a given value must agree with them)")
+    m.add_argument("--num-experts", type=int)
+    m.add_argument("--moe-ffn-hidden-size", type=int)
+    m.add_argument("--moe-shared-expert-intermediate-size", type=int)
+    m.add_argument("--moe-layer-freq", type=_layer_freq, metavar="FREQ",
+                   help="1, N, or a list such as '[0]*3+[1]*58' (which layers have experts)")
+    m.add_argument("--moe-router-enable-expert-bias", action="store_true")
+    m.add_argument("--multi-latent-attention", action="store_true", help="accepted; inferred from the shapes")
+    m.add_argument("--q-lora-rank", type=int)
+    m.add_argument("--kv-lora-rank", type=int)
+    m.add_argument("--qk-head-dim", type=int)
+    m.add_argument("--qk-pos-emb-head-dim", type=int)
+    m.add_argument("--v-head-dim", type=int)
+    m.add_argument("--mtp-num-layers", type=int)
+    m.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="write experts as TEGroupedMLP (mlp.experts.linear_fc1.weight<i>; transformer_engine only)")
+    r = p.add_argument_group("MoE routing and rope scaling: stored in args, not in the weights (default: from the "
+                             "model config, else Megatron's default)")
+    r.add_argument("--moe-router-topk", type=int)
+    r.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"])
+    r.add_argument("--moe-router-topk-scaling-factor", type=float)
+    r.add_argument("--moe-router-num-groups", type=int)
+    r.add_argument("--moe-router-group-topk", type=int)
+    r.add_argument("--moe-router-pre-softmax", action="store_true", default=None)
+    r.add_argument("--rotary-scaling-factor", type=float, help="yarn rope scaling factor (MLA)")
+    r.add_argument("--mscale", type=float)
+    r.add_argument("--mscale-all-dim", type=float)
     a = p.add_argument_group("values stored in args that the weights cannot tell (Megatron's flag names; "
                              "defaults are what the official pipeline writes)")
-    a.add_argument("--rotary-base", type=int, default=10000, help="rope base (Llama 3: 500000, Qwen3: 1000000)")
+    a.add_argument("--rotary-base", type=int, default=None,
+                   help="rope base (Llama 3: 500000, Qwen3: 1000000); default: from the model config, else 10000")
+    a.add_argument("--norm-epsilon", type=float, help="default: from the model config, else Megatron's 1e-5")
+    a.add_argument("--use-rope-scaling", action="store_true", default=None,
+                   help="Llama 3.1 rope scaling (default: from the model config's rope_scaling llama3, else off)")
     a.add_argument("--rotary-percent", type=float, default=1.0)
     a.add_argument("--rotary-interleaved", action="store_true")
     a.add_argument("--attention-dropout", type=float, default=0.1)
     a.add_argument("--hidden-dropout", type=float, default=0.1)
-    a.add_argument("--norm-epsilon", type=float, help="norm epsilon recorded in args (config.json rms_norm_eps); "
-                   "Megatron does not read it from the checkpoint")
-    a.add_argument("--use-rope-scaling", action="store_true", help="Llama 3.1 rope scaling recorded in args "
-                   "(config.json rope_scaling llama3); Megatron does not read it from the checkpoint")
     o.add_argument("--megatron-path", help=argparse.SUPPRESS)
     o.add_argument("--ms2torch-ckpt-path", help=argparse.SUPPRESS)
     o.add_argument("--max-queue-size", type=int, help=argparse.SUPPRESS)
@@ -159,18 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def given_fields(argv: list) -> frozenset:
-    """Option fields the command line sets explicitly: parsed again with every default suppressed."""
-    parser = build_parser()
-    for action in parser._subparsers._group_actions:  # noqa: SLF001 - argparse has no public way in
-        for sub in action.choices.values():
-            for act in sub._actions:  # noqa: SLF001
-                act.default = argparse.SUPPRESS
-    names = {f.name for f in fields(ConvertOptions)}
-    return frozenset(k for k in vars(parser.parse_args(argv)) if k in names)
+def _layer_freq(text: str):
+    """Megatron's --moe-layer-freq: an int, or a list written as a Python expression of lists ('[0]*3+[1]*5')."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    out = []
+    for term in text.replace(" ", "").split("+"):
+        body, times = (term.rsplit("*", 1) + ["1"])[:2] if "]*" in term else (term, "1")
+        if not (body.startswith("[") and body.endswith("]") and times.isdigit()):
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int or a list like [0]*3+[1]*5")
+        items = [x for x in body[1:-1].split(",") if x]
+        if not all(x in ("0", "1") for x in items):
+            raise argparse.ArgumentTypeError(f"{text!r}: list entries must be 0 or 1")
+        out += [int(x) for x in items] * int(times)
+    return out
 
 
-def options_from_args(a: argparse.Namespace, argv: list | None = None) -> ConvertOptions:
+def options_from_args(a: argparse.Namespace) -> ConvertOptions:
     notices = []
     for k, msg in IGNORED.items():
         if getattr(a, k, None) not in (None, False) and msg:
@@ -187,8 +232,6 @@ def options_from_args(a: argparse.Namespace, argv: list | None = None) -> Conver
         notices=notices,
     )
     o = ConvertOptions(**given)
-    if argv is not None:
-        o.given = given_fields(argv)
     return o
 
 
@@ -217,7 +260,7 @@ def _main(argv: list) -> int:
     if a.command == "convert":
         from .run.convert import convert
 
-        o = options_from_args(a, argv)
+        o = options_from_args(a)
         prog = Progress(quiet=o.quiet)
         summary = convert(o, prog)
         _write_json(a.json_summary, summary)
@@ -226,7 +269,7 @@ def _main(argv: list) -> int:
         from .engine.describe import describe
         from .engine.plan import build_plan
 
-        o = options_from_args(a, argv)
+        o = options_from_args(a)
         plan = build_plan(o)
         print(describe(plan))
         return 0
@@ -235,7 +278,7 @@ def _main(argv: list) -> int:
     from .run.verify import verify
 
     base = ConvertOptions(load_dir=a.load_dir, fc1_layout=a.fc1_layout, qkv_layout=a.qkv_layout,
-                          max_memory=parse_size(a.max_memory) if a.max_memory else None, model_config=a.model_config)
+                          max_memory=parse_size(a.max_memory) if a.max_memory else None)
     report = verify(a.load_dir, a.save_dir, base)
     d = report.as_dict()
     d["peak_rss_bytes"] = peak_rss()

@@ -138,11 +138,12 @@ def test_hf_plan_notes_config_values_and_assumes_no_layout(tmp_path):
     assert code == 0, err
     assert "Hugging Face names" in out
     assert "ASSUMED" not in out and "fc1 layout" not in out and "qkv layout" not in out
-    note = next(line for line in out.splitlines() if "config.json (Qwen2ForCausalLM)" in line)
-    for part in ("rotary_base=10000 (rope_theta)", "max_position_embeddings=64", "norm_epsilon=1e-06 (rms_norm_eps)",
-                 "num_attention_heads=4", "num_query_groups=2 (num_key_value_heads)"):
-        assert part in note, (part, note)
-    assert "run it with --norm-epsilon 1e-06" in out
+    for part in ("rotary_base=10000 from config.json rope_theta",
+                 "max_position_embeddings=64 from config.json max_position_embeddings",
+                 "norm_epsilon=1e-06 from config.json rms_norm_eps"):
+        assert part in out, (part, out)
+    assert "Megatron does not read norm_epsilon back from the checkpoint (--use-checkpoint-args): run it with " \
+           "--norm-epsilon 1e-06" in out
 
 
 # ---------------------------------------------------------------------------- synthetic HF models
@@ -399,7 +400,8 @@ def test_flags_given_override_config_json(hf_models, tmp_path):
     assert (args.rotary_base, args.seq_length, args.norm_epsilon, args.max_position_embeddings) == (
         10000, 4096, 1e-5, 40960)
     code, out, _ = streamconv(["plan", "--load-dir", d, "--save-dir", str(tmp_path / "p"), "--rotary-base", "10000"])
-    assert "--rotary-base 10000 (given) instead of config.json rope_theta 1000000" in out
+    assert "rotary_base=" not in out  # a value given as a flag needs no word on where it came from
+    assert "max_position_embeddings=40960 from config.json max_position_embeddings" in out
 
 
 def test_model_config_flag_names_a_config_elsewhere(hf_models, tmp_path):
@@ -412,7 +414,7 @@ def test_model_config_flag_names_a_config_elsewhere(hf_models, tmp_path):
     code, out, err = streamconv(["plan", "--load-dir", str(weights), "--save-dir", str(tmp_path / "o"),
                                  "--model-config", os.path.join(d, "config.json")])
     assert code == 0, err
-    assert "rotary_base=500000 (rope_theta)" in out
+    assert "rotary_base=500000 from config.json rope_theta" in out
 
 
 def test_llama31_rope_scaling_is_recorded(tmp_path):
@@ -439,7 +441,7 @@ def test_transformers5_rope_parameters(tmp_path):
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
     code, out, err = streamconv(["plan", "--load-dir", d, "--save-dir", str(tmp_path / "p")])
     assert code == 0, err
-    assert "rotary_base=1000000 (rope_parameters.rope_theta)" in out
+    assert "rotary_base=1000000 from config.json rope_parameters.rope_theta" in out
 
 
 # ---------------------------------------------------------------------------- logits
@@ -541,15 +543,11 @@ def test_unsupported_architecture_is_named_with_the_supported_ones(hf_models, tm
     assert all(a in line for a in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"))
 
 
-def test_hf_moe_model_is_refused_by_architecture_and_by_names(tmp_path):
+def test_hf_moe_model_is_refused_by_its_names(tmp_path):
     line = refusal(["--load-dir", QWEN3_MOE, "--save-dir", str(tmp_path / "o")], command="convert")
-    assert "Qwen3MoeForCausalLM is not supported" in line and "LlamaForCausalLM" in line
-    assert not os.path.exists(tmp_path / "o")
-    weights = tmp_path / "moe_weights"  # the same weights without their config.json: the names say it
-    weights.mkdir()
-    shutil.copy(os.path.join(QWEN3_MOE, "model.safetensors"), weights)
-    line = refusal(["--load-dir", str(weights), "--save-dir", str(tmp_path / "o")])
     assert "MoE" in line and "model.layers.0.mlp." in line and "dense" in line
+    assert all(a in line for a in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"))
+    assert not os.path.exists(tmp_path / "o")
 
 
 @pytest.mark.parametrize("key,value,named", [
@@ -581,6 +579,17 @@ def test_config_json_megatron_cannot_express(hf_models, tmp_path, changes, named
     d = _edited(hf_models, tmp_path, "llama", **changes)
     line = refusal(["--load-dir", d, "--save-dir", str(tmp_path / "o")])
     assert "config.json" in line and named in line, line
+
+
+def test_yarn_scaling_is_refused_for_standard_attention(tmp_path):
+    """Megatron r0.12 applies yarn only in multi-latent attention: a dense model's yarn config is refused
+    (here a mindformers checkpoint named with a config.json that asks for it)."""
+    cfg = json.load(open(os.path.join(QWEN2, "config.json")))
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    path = tmp_path / "yarn.json"
+    json.dump(cfg, open(path, "w"))
+    line = refusal(["--load-dir", _mf_dir(tmp_path), "--save-dir", str(tmp_path / "o"), "--model-config", str(path)])
+    assert "yarn.json rope_scaling.factor 4.0" in line and "multi-latent attention" in line
 
 
 def test_mixed_hf_and_mindformers_names_are_refused(hf_models, tmp_path):

@@ -24,11 +24,12 @@ from ..formats import get_format
 from ..formats.base import PlanInput, RankEntries, StagePlan
 from ..megatron.args import megatron_args
 from ..megatron.entries import resolve
-from ..megatron.layout import stage_entries, stage_layers
+from ..megatron.layout import stage_entries
 from ..megatron.parallel import ParallelSizes, Rank, check_model, stage_ranks
+from ..model import settings
 from ..model.config import ModelConfig
 from ..model.resolve import check_layers, resolve_config
-from ..sources.hints import hf_config
+from ..sources.hints import find_config, hf_config, read_hints
 from ..sources.index import SourceIndex, index_checkpoint
 from ..sources.schemes import layer_of
 from . import memory
@@ -103,17 +104,28 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     before torch is imported (``convert`` starts prefetching the input there).
     """
     _resolve_vocab_file(o)
-    if o.target_expert_parallel_size not in (None, 1):
-        raise FlagError(f"--target-expert-parallel-size {o.target_expert_parallel_size}: these are dense models; use 1")
     fmt = get_format(o.ckpt_format)
-    model_config = _read_model_config(o)  # before the weights: an unsupported architecture is named first
     index = index_checkpoint(o.load_dir)
+    config_file = find_config(o.load_dir, o.model_config)
+    input_notes = []
+    if index.scheme.needs_model_config:  # Hugging Face names: the architecture and dimensions from config.json
+        drop, input_notes = hf_config.check_hf_input(config_file, index.tensors, o.load_dir)
+        for name in drop:
+            del index.tensors[name]
+    hints = read_hints(config_file) if config_file else {}
+    problem = settings.unsupported(hints)
+    if problem:
+        raise InputError(problem)
+    settings.apply(o, hints)
     o.check()
-    config_notes = _apply_model_config(o, index, model_config)
     cfg = resolve_config(index, o)
+    settings.check_rope_scaling(o, cfg)
     sizes = ParallelSizes.from_options(o)
     check_model(cfg, sizes)
     check_layers(index, cfg)
+    if o.moe_grouped_gemm and o.saver_transformer_impl != "transformer_engine":
+        raise FlagError("--moe-grouped-gemm needs --saver-transformer-impl transformer_engine (TEGroupedMLP); the "
+                        "local spec's GroupedMLP stores experts differently and is not written")
     if on_source is not None:
         on_source(index)
     scheme = index.scheme
@@ -122,9 +134,9 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     input_fp = index.fingerprint()
     stages = []
     for p in range(sizes.pp):
-        specs = stage_entries(cfg, index.tensors, p, sizes.pp, o.saver_transformer_impl, layouts)
+        specs = stage_entries(cfg, index.tensors, p, sizes, o.saver_transformer_impl, layouts, o.moe_grouped_gemm)
         ranks = [RankEntries(c, [resolve(s, Rank(c, sizes)) for s in specs]) for c in stage_ranks(sizes, p)]
-        stages.append(StagePlan(p, stage_layers(cfg, sizes.pp, p), ranks))
+        stages.append(StagePlan(p, sizes.stage_layers(cfg.num_layers, p), ranks))
     # File ids derive from what the output is (its args and the weights it holds), not from how the input
     # files or flags were spelled: the same weights under another naming scheme (a Hugging Face model and
     # the mindformers checkpoint made from it) converted to the same args give byte-identical files.
@@ -143,70 +155,18 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     budget = o.max_memory if explicit else memory.default_budget(largest_layer)
     block, predicted = memory.plan_blocks(budget, floor, max_row, largest_tensor, explicit)
     notes = []
-    notes += config_notes
+    notes += input_notes
     notes += scheme.notes(cfg, o)
     notes += _vocab_notes(cfg, sizes.tp)
     if cfg.inferred:
         notes.append("inferred from shapes: " + ", ".join(cfg.inferred))
+    if config_file:
+        notes.append(f"model config: {config_file}")
+    notes += settings.notes(o, cfg)
     notes += index.skipped.lines()
     notes += list(o.notices)
     return Plan(o, index, cfg, sizes, fmt, fplan.groups, fplan.final_files, args, budget, explicit, block,
                 floor, predicted, notes, input_fp)
-
-
-def _read_model_config(o: ConvertOptions):
-    """The Hugging Face config.json named by --model-config or beside the input (None if there is none)."""
-    if not os.path.exists(o.load_dir):
-        return None  # locate names the missing path
-    path = hf_config.find(o.load_dir, o.model_config)
-    return None if path is None else hf_config.load(path, explicit=bool(o.model_config))
-
-
-def _flag(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
-
-
-def _apply_model_config(o: ConvertOptions, index: SourceIndex, mc) -> list:
-    """Fill the option fields the user did not set from the model config; return the notes saying so.
-
-    Stand-in for the generic "flag given > config file > default" plumbing (issue 8 item 12): the
-    hints are ``option field -> (value, origin)`` from :meth:`HfConfig.collect`.
-    """
-    if mc is None:
-        if index.scheme.needs_model_config:
-            raise InputError(
-                f"{o.load_dir}: {index.scheme.description} without a config.json beside them; streamconv needs the "
-                "model's config.json to tell the architecture (other models share these names) and the values the "
-                "weights cannot tell: put it beside the weights or pass --model-config FILE"
-            )
-        return []
-    hints, drop, notes = mc.collect(index.tensors)
-    for name in drop:
-        index.tensors.pop(name, None)
-    taken, kept = [], []
-    for fld, (value, origin) in hints.items():
-        if o.was_given(fld):
-            if getattr(o, fld) != value:
-                kept.append(f"{_flag(fld)} {getattr(o, fld)} (given) instead of {origin} {value}")
-            continue
-        setattr(o, fld, value)
-        taken.append(f"{fld}={value} ({origin.split(' ', 1)[1]})")
-    if o.max_position_embeddings is not None and o.max_position_embeddings < o.seq_length \
-            and not o.was_given("max_position_embeddings"):
-        raise FlagError(f"--seq-length {o.seq_length} is longer than {mc.name} max_position_embeddings "
-                        f"{o.max_position_embeddings}; pass a shorter --seq-length (or --max-position-embeddings)")
-    out = [f"from {mc.path} ({mc.architecture}): " + (", ".join(taken) if taken else "nothing (all given)")]
-    out += kept
-    # recorded in args, but Megatron's load_args_from_checkpoint does not read them back
-    unread = {}
-    if o.norm_epsilon is not None:
-        unread["norm_epsilon"] = f"--norm-epsilon {o.norm_epsilon:g}"
-    if o.use_rope_scaling:
-        unread["use_rope_scaling"] = "--use-rope-scaling"
-    if unread:
-        out.append(f"Megatron does not read {' or '.join(unread)} from the checkpoint (--use-checkpoint-args): "
-                   f"run it with {' '.join(unread.values())}")
-    return out + notes
 
 
 def _resolve_vocab_file(o: ConvertOptions) -> None:

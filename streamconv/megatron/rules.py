@@ -36,6 +36,18 @@ class ExpertRef:
         return Ref(self.src, g * rows, rows, self.transposed)
 
 
+@dataclass(frozen=True)
+class ExpertOf:
+    """Local expert ``local`` among per-expert tensors ``choices`` (one per global expert, Hugging Face style)."""
+
+    choices: tuple
+    local: int
+
+    def at(self, rank: Rank) -> Ref:
+        e, n = rank.of(Axis.EP)
+        return Ref(self.choices[e * (len(self.choices) // n) + self.local])
+
+
 def _ref(x, rank: Rank) -> Ref:
     if isinstance(x, SourceTensor):
         return Ref(x)

@@ -154,13 +154,9 @@ def options_from_output(load_dir: str, save_dir: str, base: ConvertOptions | Non
     o = base or ConvertOptions(load_dir=load_dir)
     o.load_dir, o.save_dir = load_dir, save_dir
     o.ckpt_format = fmt.name
-    from_args = set()
     for field_name, arg in OPTIONS_IN_ARGS.items():
         if arg in a:
             setattr(o, field_name, a[arg])
-            from_args.add(field_name)
-    # the output's args decide; a model config beside the input only fills what they do not record
-    o.given = frozenset(from_args | ({f for f in base.given or ()} if base is not None else set()))
     o.group_query_attention = bool(a.get("group_query_attention", False))
     impl = a.get("transformer_impl")
     if impl not in TransformerImpl.values():

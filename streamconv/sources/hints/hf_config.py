@@ -1,22 +1,27 @@
-"""A Hugging Face ``config.json``: the architecture check, the values the weights cannot tell, the dimensions.
+"""Hints from a Hugging Face ``config.json`` (Llama, Qwen2/3, Qwen3-MoE, DeepSeek-V3 families).
 
-The weights of a Llama/Qwen model do not say its rope base, context length or
-norm epsilon, and the same tensor names are used by architectures with other
-maths (Gemma's ``1 + weight`` norms, Mistral's sliding window), so a Hugging
-Face checkpoint is converted only together with its ``config.json``: the one
-beside the weights, or the one ``--model-config`` names.
+Key mapping (FORMAT.md §6 "HF config -> Megatron flags", checked against real
+Megatron r0.12 and transformers): ``rope_theta`` -> rotary_base,
+``max_position_embeddings``, ``rms_norm_eps`` -> norm_epsilon,
+``num_experts_per_tok`` -> moe_router_topk; DeepSeek-V3 routes with sigmoid
+scores, ``routed_scaling_factor`` and, with ``n_group`` > 1, group-limited
+top-k (``n_group``/``topk_group``); Qwen3-MoE uses softmax, where
+``norm_topk_prob: false`` means Megatron's ``--moe-router-pre-softmax``. Yarn
+``rope_scaling`` maps to rotary_scaling_factor / mscale / mscale_all_dim with
+max_position_embeddings = ``original_max_position_embeddings``; Llama 3.1's
+``llama3`` scaling (factor 8, low/high frequency factors 1/4, original context
+8192: the only one Megatron r0.12's ``RotaryEmbedding(rope_scaling=True)``
+computes, ``pretrain_gpt.py`` never passes another factor) maps to
+``use_rope_scaling``. Model dimensions are hints too, checked against the
+shapes like flags. Both config styles are read: ``rope_theta`` /
+``rope_scaling`` (transformers 4) and ``rope_parameters`` (transformers 5).
 
-:func:`load` reads the file and refuses, in one line each, what Megatron
-core_r0.12.0 cannot express: an architecture other than :data:`FAMILIES`, a
-sliding window, an activation other than SiLU, a ``rope_scaling`` other than
-Llama 3.1's (the only one ``pretrain_gpt.py`` builds: ``--use-rope-scaling``
-with its fixed factor 8, low/high frequency factors 1/4 and original context
-8192; its ``--rope-scaling-factor`` is never passed to the model).
-:meth:`HfConfig.hints` checks every dimension against the tensor shapes (a
-contradiction names config.json and the key) and returns the hints.
-
-Both config styles are read: ``rope_theta`` / ``rope_scaling`` (transformers 4)
-and ``rope_parameters`` (transformers 5).
+A checkpoint with Hugging Face *names* is converted only together with its
+config.json (:func:`check_hf_input`): the same tensor names are used by
+architectures with other maths (Gemma's ``1 + weight`` norms, Mistral's sliding
+window), so ``architectures[0]`` must be one of :data:`FAMILIES`, what Megatron
+cannot express for them is refused in one line, and every dimension config.json
+states must be the tensors' (a contradiction names config.json and the key).
 """
 
 from __future__ import annotations
@@ -24,15 +29,103 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from ...core.errors import InputError
-from ...core.options import ConvertOptions
-from ..schemes import layer_of
+from ..schemes.base import layer_of
+from . import Hint, load_json
 
-CONFIG_NAME = "config.json"
+SIGMOID_ROUTED = ("deepseek_v3",)
+
+#: Llama 3.1's rope scaling: what Megatron r0.12's RotaryEmbedding(rope_scaling=True) hard-codes
+LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
 
 
+def rope(cfg: dict) -> tuple:
+    """(rope base, its key, scaling dict or None, its key), from either config style."""
+    params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else None
+    theta, theta_key = cfg.get("rope_theta"), "rope_theta"
+    if theta is None and params:
+        theta, theta_key = params.get("rope_theta"), "rope_parameters.rope_theta"
+    scaling, scaling_key = cfg.get("rope_scaling"), "rope_scaling"
+    if scaling is None and params and params.get("rope_type", "default") != "default":
+        scaling, scaling_key = params, "rope_parameters"
+    return theta, theta_key, scaling, scaling_key
+
+
+def is_llama3_scaling(rs: dict) -> bool:
+    return (rs.get("rope_type", rs.get("type")) == "llama3"
+            and all(isinstance(rs.get(k), (int, float)) and float(rs[k]) == v for k, v in LLAMA3_SCALING.items()))
+
+
+def read(path: str) -> dict:
+    cfg = load_json(path)
+    name = os.path.basename(path)
+    out: dict = {}
+
+    def put(field, key, value=None, transform=None):
+        v = cfg.get(key) if value is None else value
+        if v is None:
+            return
+        out[field] = Hint(transform(v) if transform else v, f"{name} {key}")
+
+    theta, theta_key, rs, rs_key = rope(cfg)
+    put("rotary_base", theta_key, theta, transform=lambda v: int(v) if float(v).is_integer() else float(v))
+    put("max_position_embeddings", "max_position_embeddings", transform=int)
+    eps_key = "rms_norm_eps" if "rms_norm_eps" in cfg else "layer_norm_eps"
+    put("norm_epsilon", eps_key, transform=float)
+    put("num_layers", "num_hidden_layers", transform=int)
+    put("hidden_size", "hidden_size", transform=int)
+    put("num_attention_heads", "num_attention_heads", transform=int)
+    put("num_query_groups", "num_key_value_heads", transform=int)
+    model_type = cfg.get("model_type", "")
+    if cfg.get("head_dim") is not None and model_type not in SIGMOID_ROUTED:  # DeepSeek's head_dim is the rope dim
+        put("kv_channels", "head_dim", transform=int)
+    if cfg.get("tie_word_embeddings") is False:
+        out["untie_embeddings_and_output_weights"] = Hint(True, f"{name} tie_word_embeddings")
+
+    experts = cfg.get("num_experts") or cfg.get("n_routed_experts")
+    if experts:
+        put("moe_router_topk", "num_experts_per_tok", transform=int)
+        if model_type in SIGMOID_ROUTED or cfg.get("scoring_func") == "sigmoid":
+            out["moe_router_score_function"] = Hint("sigmoid", f"{name} model_type {model_type}")
+            put("moe_router_topk_scaling_factor", "routed_scaling_factor", transform=float)
+            if (cfg.get("n_group") or 1) > 1:
+                put("moe_router_num_groups", "n_group", transform=int)
+                put("moe_router_group_topk", "topk_group", transform=int)
+            if cfg.get("norm_topk_prob") is False and (cfg.get("num_experts_per_tok") or 1) > 1:
+                raise InputError(f"{path}: norm_topk_prob false with sigmoid routing is not expressible in "
+                                 "Megatron r0.12 (it always normalises the top-k sigmoid scores)")
+        else:
+            out["moe_router_score_function"] = Hint("softmax", f"{name} model_type {model_type}")
+            if "norm_topk_prob" in cfg:
+                out["moe_router_pre_softmax"] = Hint(not cfg["norm_topk_prob"], f"{name} norm_topk_prob")
+    if isinstance(rs, dict):
+        kind = rs.get("type") or rs.get("rope_type")
+        if kind == "yarn":
+            out["rotary_scaling_factor"] = Hint(float(rs.get("factor", 1.0)), f"{name} {rs_key}.factor")
+            for src_key, field in (("mscale", "mscale"), ("mscale_all_dim", "mscale_all_dim")):
+                if rs.get(src_key) is not None:
+                    out[field] = Hint(float(rs[src_key]), f"{name} {rs_key}.{src_key}")
+            if rs.get("original_max_position_embeddings"):
+                out["max_position_embeddings"] = Hint(int(rs["original_max_position_embeddings"]),
+                                                      f"{name} {rs_key}.original_max_position_embeddings")
+        elif is_llama3_scaling(rs):
+            out["use_rope_scaling"] = Hint(True, f"{name} {rs_key} llama3")
+        elif kind not in (None, "default"):
+            out["_rope_scaling_unsupported"] = Hint(_shown(rs), f"{name} {rs_key}")
+    archs = cfg.get("architectures")
+    if isinstance(archs, list) and archs:
+        out["_architecture"] = Hint(str(archs[0]), f"{name} architectures")
+    return out
+
+
+def _shown(rs: dict) -> str:
+    return json.dumps({k: v for k, v in rs.items() if k != "rope_theta"}, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------- checkpoints with HF names
 @dataclass(frozen=True)
 class Family:
     """What an architecture fixes that its config.json may leave out."""
@@ -43,130 +136,65 @@ class Family:
     mlp_bias_key: bool  # config.json mlp_bias exists (Llama)
 
 
-#: architectures[0] -> family; the only Hugging Face models streamconv converts
+#: architectures[0] -> family: the Hugging Face models whose weights streamconv reads under HF names
 FAMILIES = {
     "LlamaForCausalLM": Family("llama", qk_norm=False, qkv_bias=None, mlp_bias_key=True),
     "Qwen2ForCausalLM": Family("qwen2", qk_norm=False, qkv_bias=True, mlp_bias_key=False),
     "Qwen3ForCausalLM": Family("qwen3", qk_norm=True, qkv_bias=None, mlp_bias_key=False),
 }
 
-#: Llama 3.1's rope scaling: what Megatron r0.12's RotaryEmbedding(rope_scaling=True) hard-codes
-LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192}
 
-_DEFAULT_SEQ_LENGTH = next(f.default for f in fields(ConvertOptions) if f.name == "seq_length")
+def check_hf_input(path: str | None, tensors: dict, load_dir: str) -> tuple:
+    """Refuse a Hugging Face-named checkpoint that cannot be converted faithfully; return (drop, notes).
 
-
-def find(load_path: str, explicit: str | None) -> str | None:
-    """The config file to read: ``--model-config``, else ``config.json`` beside the input, else None."""
-    if explicit:
-        if not os.path.isfile(explicit):
-            raise InputError(f"--model-config {explicit}: no such file; name the model's config.json")
-        return explicit
-    if os.path.basename(load_path) == CONFIG_NAME and os.path.isfile(load_path):
-        return load_path  # --load-dir model/config.json: the model directory
-    d = load_path if os.path.isdir(load_path) else os.path.dirname(os.path.abspath(load_path))
-    path = os.path.join(d, CONFIG_NAME)
-    return path if os.path.isfile(path) else None
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            obj = json.load(f)
-    except RecursionError:
-        raise InputError(f"{path}: cannot read it (JSON nested too deeply)") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read it as JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{path}: holds a JSON {type(obj).__name__}, not a model config object")
-    return obj
-
-
-def is_model_config(obj: dict) -> bool:
-    return "architectures" in obj or "model_type" in obj
-
-
-def load(path: str, explicit: bool = True) -> "HfConfig | None":
-    """Read ``path`` and refuse what Megatron cannot express for these models.
-
-    A ``config.json`` that was only found beside the input and is no model config is ignored (None).
+    ``tensors``: canonical name -> source tensor. ``drop``: canonical names config.json says transformers
+    never reads (a tied model's stored ``lm_head.weight``).
     """
-    raw = _read_json(path)
-    name = os.path.basename(path)
-    if not is_model_config(raw):
-        if not explicit:
-            return None
-        raise InputError(f"{path}: has neither 'architectures' nor 'model_type'; it is not a Hugging Face model config")
-    archs = raw.get("architectures")
-    if archs is not None and (not isinstance(archs, list) or not archs or not isinstance(archs[0], str)):
-        raise InputError(f"{path}: 'architectures' is {archs!r}; expected a list of class names such as [\"LlamaForCausalLM\"]")
-    if archs:
-        arch = archs[0]
-    else:  # no architectures: the model_type names the family
-        arch = next((a for a, f in FAMILIES.items() if f.model_type == raw.get("model_type")), str(raw.get("model_type")))
-    if arch not in FAMILIES:
-        raise InputError(f"{path}: architecture {arch} is not supported; streamconv converts "
-                         f"{', '.join(FAMILIES)} (Hugging Face input)")
-    cfg = HfConfig(path, name, raw, arch, FAMILIES[arch])
-    cfg.check_maths()
-    return cfg
+    if path is None:
+        raise InputError(
+            f"{load_dir}: Hugging Face weights without a config.json beside them; streamconv needs the model's "
+            "config.json to tell the architecture (other models share these names) and the values the weights "
+            "cannot tell: put it beside the weights or pass --model-config FILE")
+    if not path.endswith(".json"):
+        raise InputError(f"--model-config {path}: Hugging Face weights come with a config.json, not a mindformers YAML")
+    c = _HfConfig(path, load_json(path))
+    c.check_maths()
+    c.check_shapes(tensors)
+    return c.tied(tensors)
 
 
-@dataclass
-class HfConfig:
-    path: str
-    name: str  # "config.json", as notes and errors call it
-    raw: dict
-    architecture: str
-    family: Family
-
-    # ------------------------------------------------------------------ reading keys
-    def where(self, key: str) -> str:
-        return f"{self.name} {key}"
+class _HfConfig:
+    def __init__(self, path: str, raw: dict):
+        self.path, self.raw = path, raw
+        archs = raw.get("architectures")
+        if archs is not None and (not isinstance(archs, list) or not archs or not isinstance(archs[0], str)):
+            raise self._fail("architectures", f"is {archs!r}; expected a list such as [\"LlamaForCausalLM\"]")
+        if archs:
+            arch = archs[0]
+        else:  # no architectures: the model_type names the family
+            mt = raw.get("model_type")
+            arch = next((a for a, f in FAMILIES.items() if f.model_type == mt), f"model_type {mt!r}")
+        if arch not in FAMILIES:
+            raise InputError(f"{path}: architecture {arch} is not supported for Hugging Face input; streamconv "
+                             f"converts {', '.join(FAMILIES)}")
+        self.architecture, self.family = arch, FAMILIES[arch]
 
     def _fail(self, key: str, what: str) -> InputError:
         return InputError(f"{self.path}: {key} {what}")
 
-    def int_key(self, key: str, positive: bool = True):
+    def int_key(self, key: str):
         v = self.raw.get(key)
         if v is None:
             return None
-        if isinstance(v, bool) or not isinstance(v, int) or (positive and v < 1):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise self._fail(key, f"is {v!r}; expected a positive integer")
         return v
 
-    def float_key(self, key: str):
-        v = self.raw.get(key)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise self._fail(key, f"is {v!r}; expected a non-negative number")
-        return float(v)
-
     def bool_key(self, key: str):
         v = self.raw.get(key)
-        if v is None:
-            return None
-        if not isinstance(v, bool):
+        if v is not None and not isinstance(v, bool):
             raise self._fail(key, f"is {v!r}; expected true or false")
         return v
-
-    def rope(self) -> tuple:
-        """(rope base or None, its key, scaling dict or None, its key) in either config style."""
-        params = self.raw.get("rope_parameters")
-        if params is not None and not isinstance(params, dict):
-            raise self._fail("rope_parameters", f"is {params!r}; expected an object")
-        theta, theta_key = self.raw.get("rope_theta"), "rope_theta"
-        if theta is None and params:
-            theta, theta_key = params.get("rope_theta"), "rope_parameters.rope_theta"
-        scaling, scaling_key = self.raw.get("rope_scaling"), "rope_scaling"
-        if scaling is None and params and params.get("rope_type", "default") != "default":
-            scaling, scaling_key = params, "rope_parameters"
-        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))
-                                  or not math.isfinite(theta) or theta <= 0):
-            raise self._fail(theta_key, f"is {theta!r}; expected a positive number")
-        return theta, theta_key, scaling, scaling_key
 
     # ------------------------------------------------------------------ what Megatron cannot express
     def check_maths(self) -> None:
@@ -176,28 +204,19 @@ class HfConfig:
         if self.bool_key("use_sliding_window"):
             raise self._fail("use_sliding_window", "is true; Megatron core_r0.12 GPT models have no sliding-window "
                                                    "attention, so this model cannot be converted")
-        theta, theta_key, _, _ = self.rope()
-        if theta is not None and theta != int(theta):
-            raise self._fail(theta_key, f"is {theta!r}; Megatron's --rotary-base is an integer")
-        self.rope_scaling()
-
-    def rope_scaling(self) -> bool:
-        """True for Llama 3.1's rope scaling (Megatron's --use-rope-scaling), False for none; else refuse."""
-        _, _, s, key = self.rope()
-        if s is None:
-            return False
-        if not isinstance(s, dict):
-            raise self._fail(key, f"is {s!r}; expected an object or null")
-        kind = s.get("rope_type", s.get("type"))
-        if kind == "default":
-            return False
-        if kind == "llama3" and all(isinstance(s.get(k), (int, float)) and float(s[k]) == v
-                                    for k, v in LLAMA3_SCALING.items()):
-            return True
-        shown = json.dumps({k: v for k, v in s.items() if k != "rope_theta"}, sort_keys=True)
-        raise self._fail(key, f"{shown} cannot be expressed in Megatron core_r0.12, whose only rope scaling is "
-                              "Llama 3.1's (rope_type llama3, factor 8, low_freq_factor 1, high_freq_factor 4, "
-                              "original_max_position_embeddings 8192)")
+        theta, theta_key, rs, rs_key = rope(self.raw)
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))
+                                  or not math.isfinite(theta) or theta <= 0 or theta != int(theta)):
+            raise self._fail(theta_key, f"is {theta!r}; Megatron's --rotary-base is a positive integer")
+        if rs is None:
+            return
+        if not isinstance(rs, dict):
+            raise self._fail(rs_key, f"is {rs!r}; expected an object or null")
+        if rs.get("rope_type", rs.get("type")) == "default" or is_llama3_scaling(rs):
+            return
+        raise self._fail(rs_key, f"{_shown(rs)} cannot be expressed in Megatron core_r0.12 for this model, whose "
+                                 "only rope scaling is Llama 3.1's (rope_type llama3, factor 8, low_freq_factor 1, "
+                                 "high_freq_factor 4, original_max_position_embeddings 8192)")
 
     # ------------------------------------------------------------------ dimensions against the weights
     def _disagree(self, key: str, value, tensor, what: str) -> InputError:
@@ -206,12 +225,9 @@ class HfConfig:
 
     def heads(self) -> tuple:
         """(heads, kv heads, head dim), each None when config.json lacks it."""
-        nq = self.int_key("num_attention_heads")
-        ng = self.int_key("num_key_value_heads")
-        if ng is None:
-            ng = nq  # transformers: None means multi-head attention
-        d = self.int_key("head_dim")
-        h = self.int_key("hidden_size")
+        nq, ng, d, h = (self.int_key(k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim",
+                                                  "hidden_size"))
+        ng = nq if ng is None else ng  # transformers: None means multi-head attention
         if d is None and nq is not None and h is not None:
             if h % nq:
                 raise self._fail("num_attention_heads", f"{nq} does not divide hidden_size {h} and there is no head_dim")
@@ -222,13 +238,10 @@ class HfConfig:
 
     def check_shapes(self, tensors: dict) -> None:
         """Every dimension config.json states must be the one the tensors have (layer 0 stands for all)."""
-        def t(name):
-            return tensors.get(name)
-
-        emb = t("embedding.word_embeddings.weight")
+        emb = tensors.get("embedding.word_embeddings.weight")
         if emb is not None and len(emb.shape) == 2:
-            for key, value, dim, what in (("vocab_size", self.int_key("vocab_size"), 0, "rows"),
-                                          ("hidden_size", self.int_key("hidden_size"), 1, "columns")):
+            for key, dim, what in (("vocab_size", 0, "rows"), ("hidden_size", 1, "columns")):
+                value = self.int_key(key)
                 if value is not None and emb.shape[dim] != value:
                     raise self._disagree(key, value, emb, f"has {emb.shape[dim]} {what}")
         layers = sorted({i for i in (layer_of(k) for k in tensors) if i is not None})
@@ -239,7 +252,7 @@ class HfConfig:
                              "the same model")
         nq, ng, d = self.heads()
         dkey = "head_dim" if self.raw.get("head_dim") is not None else "hidden_size / num_attention_heads"
-        qn = t("decoder.layers.0.self_attention.q_layernorm.weight")
+        qn = tensors.get("decoder.layers.0.self_attention.q_layernorm.weight")
         if qn is not None and d is not None and qn.shape[0] != d:
             raise self._disagree(dkey, d, qn, f"has {qn.shape[0]} entries (one per head dim)")
         for key, value, name, rows in (
@@ -247,7 +260,7 @@ class HfConfig:
             ("num_key_value_heads", ng, "self_attention.linear_k.weight", None if ng is None or d is None else ng * d),
             ("intermediate_size", self.int_key("intermediate_size"), "mlp.linear_fc1_gate.weight", None),
         ):
-            tensor = t(f"decoder.layers.0.{name}")
+            tensor = tensors.get(f"decoder.layers.0.{name}")
             if tensor is None or value is None:
                 continue
             want = value if rows is None else rows
@@ -257,21 +270,21 @@ class HfConfig:
         self._check_structure(tensors)
 
     def _check_structure(self, tensors: dict) -> None:
-        """Biases, q/k norm and tied output as the architecture and config.json say."""
+        """Biases and q/k norm as the architecture and config.json say."""
         fam, arch = self.family, self.architecture
         q = tensors.get("decoder.layers.0.self_attention.linear_q.weight")
         if q is None:
             return
         has = lambda suffix: f"decoder.layers.0.{suffix}" in tensors  # noqa: E731
         qkv_bias = fam.qkv_bias if fam.qkv_bias is not None else bool(self.bool_key("attention_bias"))
-        key = "attention_bias" if fam.qkv_bias is None else f"architectures {arch}"
+        key = "attention_bias" if fam.qkv_bias is None else f"architecture {arch}"
         if has("self_attention.linear_q.bias") != qkv_bias:
-            state = "present" if not qkv_bias else "missing"
             raise InputError(f"{self.path}: {key} says q/k/v {'have' if qkv_bias else 'have no'} biases, but "
-                             f"{q.name.replace('weight', 'bias')} is {state}; config.json and the weights are not the same model")
+                             f"{q.name.replace('weight', 'bias')} is {'missing' if qkv_bias else 'present'}; "
+                             "config.json and the weights are not the same model")
         mlp_bias = bool(self.bool_key("mlp_bias")) if fam.mlp_bias_key else False
         if has("mlp.linear_fc1_gate.bias") != mlp_bias:
-            raise InputError(f"{self.path}: {'mlp_bias' if fam.mlp_bias_key else 'architectures ' + arch} says the MLP "
+            raise InputError(f"{self.path}: {'mlp_bias' if fam.mlp_bias_key else 'architecture ' + arch} says the MLP "
                              f"{'has' if mlp_bias else 'has no'} biases, but layer 0's gate_proj.bias is "
                              f"{'missing' if mlp_bias else 'present'}; config.json and the weights are not the same model")
         if has("self_attention.q_layernorm.weight") != fam.qk_norm:
@@ -280,54 +293,16 @@ class HfConfig:
                              "config.json and the weights are not the same model")
 
     def tied(self, tensors: dict) -> tuple:
-        """(tied, drop): drop lists canonical names config.json says transformers never reads."""
+        """(drop, notes): a tied model's stored lm_head is what transformers never reads."""
         tie = self.bool_key("tie_word_embeddings")
         out = tensors.get("output_layer.weight")
-        if tie is None:
-            return out is None, ()
-        if not tie and out is None:
+        if tie is False and out is None:
             emb = tensors.get("embedding.word_embeddings.weight")
             where = os.path.basename(emb.path) if emb is not None else "the checkpoint"
             raise InputError(f"{self.path}: tie_word_embeddings is false, but {where} has no lm_head.weight; "
                              "the checkpoint is incomplete")
         if tie and out is not None:
-            return True, ("output_layer.weight",)  # transformers ties lm_head to the embeddings and ignores it
-        return tie, ()
-
-    # ------------------------------------------------------------------ the hints
-    def collect(self, tensors: dict) -> tuple:
-        """(hints, drop, notes) after checking config.json against the tensors (canonical name -> tensor)."""
-        self.check_shapes(tensors)
-        tied, drop = self.tied(tensors)
-        hints: dict = {}
-        notes: list = []
-
-        def put(fld, value, key):
-            if value is not None:
-                hints[fld] = (value, self.where(key))
-
-        put("num_layers", self.int_key("num_hidden_layers"), "num_hidden_layers")
-        put("hidden_size", self.int_key("hidden_size"), "hidden_size")
-        put("ffn_hidden_size", self.int_key("intermediate_size"), "intermediate_size")
-        nq, ng, _ = self.heads()
-        put("num_attention_heads", nq, "num_attention_heads")
-        if ng is not None and ng != nq:  # multi-head attention keeps Megatron's num_query_groups unset
-            put("num_query_groups", ng, "num_key_value_heads")
-        put("kv_channels", self.int_key("head_dim"), "head_dim")
-        if not tied:
-            put("untie_embeddings_and_output_weights", True, "tie_word_embeddings false")
-        theta, theta_key, _, scaling_key = self.rope()
-        if theta is not None:
-            put("rotary_base", int(theta), theta_key)
-        max_pos = self.int_key("max_position_embeddings")
-        put("max_position_embeddings", max_pos, "max_position_embeddings")
-        if max_pos is not None and max_pos < _DEFAULT_SEQ_LENGTH:
-            hints["seq_length"] = (max_pos, f"{self.where('max_position_embeddings')}, shorter than the default "
-                                            f"{_DEFAULT_SEQ_LENGTH}")
-        put("norm_epsilon", self.float_key("rms_norm_eps"), "rms_norm_eps")
-        if self.rope_scaling():
-            put("use_rope_scaling", True, scaling_key)
-        if drop:
-            notes.append(f"lm_head.weight is not converted: {self.name} tie_word_embeddings is true, so transformers "
-                         "uses the embeddings as the output layer (and so does Megatron)")
-        return hints, drop, notes
+            return ("output_layer.weight",), [
+                f"lm_head.weight is not converted: {os.path.basename(self.path)} tie_word_embeddings is true, so "
+                "transformers uses the embeddings as the output layer (and so does Megatron)"]
+        return (), []

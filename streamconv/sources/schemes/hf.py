@@ -23,10 +23,12 @@ rows per query group without permuting them. Qwen3's q/k norm is applied per
 head before rope on both sides (Megatron's ``q_layernorm``/``k_layernorm``).
 
 MoE and MLA names (Qwen3-MoE, Qwen2-MoE, DeepSeek-V3) are recognised and refused
-in one line until streamconv has MoE/MLA layers: :data:`PENDING` lists them.
-When the canonical MoE/MLA names exist, they become rows of
-:attr:`HuggingFace.layer_suffixes` (per-expert names through a second pattern
-for ``mlp.experts.E.*``) and leave :data:`PENDING`.
+in one line for now: :data:`PENDING` lists them. To read them, router, shared
+experts and MLA projections become rows of :attr:`HuggingFace.layer_suffixes`
+(canonical names as the mindformers mcore scheme has them), and the per-expert
+``mlp.experts.E.{gate,up,down}_proj`` need canonical per-expert names with a
+layout rule that takes one source tensor per expert (mindformers stores them
+stacked, ``mlp.experts.weight1/2``, read through ``ExpertRef``).
 """
 
 from __future__ import annotations
@@ -96,8 +98,9 @@ class HuggingFace(InputScheme):
             return None
         for pattern, what in PENDING:
             if pattern.fullmatch(m.group(2)):
-                return (f"tensor {name!r} is a Hugging Face {what} weight; streamconv converts dense "
-                        "Hugging Face models only for now (Llama, Qwen2/2.5, Qwen3), not MoE or MLA models")
+                return (f"tensor {name!r} is a Hugging Face {what} weight; streamconv converts dense Hugging Face "
+                        "models only for now (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM), not MoE or MLA "
+                        "ones (convert the mindformers checkpoint made from it instead)")
         return None
 
     def notes(self, config, options) -> list:
