@@ -4,7 +4,10 @@ FORMAT.md §1 "How checkpoints sit on disk": one file, a directory, a directory
 with ``param_name_map.json`` or ``model.safetensors.index.json``, a unified
 directory whose ``hyper_param.safetensors`` must never be read as weights,
 mindformers' newer ``iteration_XXXXXXXX/model-*.safetensors`` output, or
-per-rank training output that holds TP *slices* and is refused here. The
+per-rank training output that holds TP *slices* and is refused here. A Hugging
+Face model directory (``config.json`` + ``model.safetensors`` or shards with
+``model.safetensors.index.json``) is a directory with an index like any other;
+its ``config.json`` may also be given as the path. The
 answer is a list of files (plus, for an index, the name -> file map to check
 them against); nothing but directory listings and small JSON files is read.
 """
@@ -21,6 +24,7 @@ from .tensor import Skipped
 
 HYPER_PARAM_FILE = "hyper_param.safetensors"
 UNIFIED_MAP = "param_name_map.json"
+MODEL_CONFIG = "config.json"  # a Hugging Face model's description, beside its weights
 _PER_RANK_FILE_RE = re.compile(r".*_rank_\d+-\d+_\d+\.safetensors")
 _RANK_DIR_RE = re.compile(r"rank_\d+")
 _ITER_DIR_RE = re.compile(r"iteration_(\d+)")
@@ -92,6 +96,8 @@ def locate(load_path: str, skipped: Skipped) -> Located:
         raise PathError(f"--load-dir {load_path} does not exist; give the checkpoint file or directory")
     if not os.path.isfile(load_path) and not os.path.isdir(load_path):
         raise PathError(f"--load-dir {load_path} is not a file or directory (a device or FIFO?); give the checkpoint")
+    if os.path.isfile(load_path) and os.path.basename(load_path) == MODEL_CONFIG:
+        load_path = os.path.dirname(os.path.abspath(load_path))  # a Hugging Face model named by its config.json
     if os.path.isfile(load_path):
         base = os.path.basename(load_path)
         if base == HYPER_PARAM_FILE:
