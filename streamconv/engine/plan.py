@@ -137,10 +137,10 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
         specs = stage_entries(cfg, index.tensors, p, sizes, o.saver_transformer_impl, layouts, o.moe_grouped_gemm)
         ranks = [RankEntries(c, [resolve(s, Rank(c, sizes)) for s in specs]) for c in stage_ranks(sizes, p)]
         stages.append(StagePlan(p, sizes.stage_layers(cfg.num_layers, p), ranks))
-    # File ids derive from what the output is (its args and the weights it holds), not from how the input
+    # File ids derive from what the output is (its args; the format adds what each file holds), not from how the input
     # files or flags were spelled: the same weights under another naming scheme (a Hugging Face model and
     # the mindformers checkpoint made from it) converted to the same args give byte-identical files.
-    seed = [sorted(vars(args).items()), sorted((k, list(t.shape)) for k, t in index.tensors.items())]
+    seed = [sorted(vars(args).items())]
     fplan = fmt.plan(PlanInput(stages, sizes, args, seed))
 
     src = index.tensors

@@ -84,9 +84,30 @@ def read(path: str) -> dict:
         put("kv_channels", "head_dim", transform=int)
     if cfg.get("tie_word_embeddings") is False:
         out["untie_embeddings_and_output_weights"] = Hint(True, f"{name} tie_word_embeddings")
+    put("ffn_hidden_size", "intermediate_size", transform=int)
+    if cfg.get("kv_lora_rank"):  # multi-latent attention: every dimension, checked against the shapes
+        out.pop("num_query_groups", None)
+        for key, field in (("q_lora_rank", "q_lora_rank"), ("kv_lora_rank", "kv_lora_rank"),
+                           ("qk_nope_head_dim", "qk_head_dim"), ("qk_rope_head_dim", "qk_pos_emb_head_dim"),
+                           ("v_head_dim", "v_head_dim")):
+            put(field, key, transform=int)
 
     experts = cfg.get("num_experts") or cfg.get("n_routed_experts")
     if experts:
+        put("num_experts", "num_experts" if cfg.get("num_experts") else "n_routed_experts", transform=int)
+        put("moe_ffn_hidden_size", "moe_intermediate_size", transform=int)
+        if cfg.get("n_shared_experts") and cfg.get("moe_intermediate_size"):
+            out["moe_shared_expert_intermediate_size"] = Hint(
+                int(cfg["n_shared_experts"]) * int(cfg["moe_intermediate_size"]),
+                f"{name} n_shared_experts x moe_intermediate_size")
+        layers = cfg.get("num_hidden_layers")
+        if layers and cfg.get("first_k_dense_replace") is not None:
+            k = int(cfg["first_k_dense_replace"])
+            out["moe_layer_freq"] = Hint([0] * k + [1] * (layers - k), f"{name} first_k_dense_replace")
+        elif layers and ("mlp_only_layers" in cfg or "decoder_sparse_step" in cfg):
+            dense, step = set(cfg.get("mlp_only_layers") or ()), int(cfg.get("decoder_sparse_step") or 1)
+            out["moe_layer_freq"] = Hint([int(i not in dense and (i + 1) % step == 0) for i in range(layers)],
+                                         f"{name} mlp_only_layers/decoder_sparse_step")
         put("moe_router_topk", "num_experts_per_tok", transform=int)
         if model_type in SIGMOID_ROUTED or cfg.get("scoring_func") == "sigmoid":
             out["moe_router_score_function"] = Hint("sigmoid", f"{name} model_type {model_type}")
@@ -134,6 +155,7 @@ class Family:
     qk_norm: bool  # q_norm / k_norm per head (Qwen3)
     qkv_bias: bool | None  # None: config.json attention_bias decides (Llama, Qwen3); Qwen2: always
     mlp_bias_key: bool  # config.json mlp_bias exists (Llama)
+    mla: bool = False  # multi-latent attention: no q/k/v heads to check, yarn rope scaling allowed
 
 
 #: architectures[0] -> family: the Hugging Face models whose weights streamconv reads under HF names
@@ -141,6 +163,8 @@ FAMILIES = {
     "LlamaForCausalLM": Family("llama", qk_norm=False, qkv_bias=None, mlp_bias_key=True),
     "Qwen2ForCausalLM": Family("qwen2", qk_norm=False, qkv_bias=True, mlp_bias_key=False),
     "Qwen3ForCausalLM": Family("qwen3", qk_norm=True, qkv_bias=None, mlp_bias_key=False),
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", qk_norm=True, qkv_bias=None, mlp_bias_key=False),
+    "DeepseekV3ForCausalLM": Family("deepseek_v3", qk_norm=False, qkv_bias=False, mlp_bias_key=False, mla=True),
 }
 
 
@@ -214,6 +238,8 @@ class _HfConfig:
             raise self._fail(rs_key, f"is {rs!r}; expected an object or null")
         if rs.get("rope_type", rs.get("type")) == "default" or is_llama3_scaling(rs):
             return
+        if self.family.mla and rs.get("rope_type", rs.get("type")) == "yarn":
+            return  # Megatron r0.12's MLA takes yarn (rotary_scaling_factor, mscale, mscale_all_dim)
         raise self._fail(rs_key, f"{_shown(rs)} cannot be expressed in Megatron core_r0.12 for this model, whose "
                                  "only rope scaling is Llama 3.1's (rope_type llama3, factor 8, low_freq_factor 1, "
                                  "high_freq_factor 4, original_max_position_embeddings 8192)")
@@ -250,6 +276,8 @@ class _HfConfig:
             raise InputError(f"{self.path}: num_hidden_layers {n} contradicts the weights: they hold {len(layers)} "
                              f"layers (model.layers.{layers[0]}..{layers[-1]}); config.json and the weights are not "
                              "the same model")
+        if self.family.mla:  # MLA's dimensions are hints checked by the model inference (model/mla.py)
+            return
         nq, ng, d = self.heads()
         dkey = "head_dim" if self.raw.get("head_dim") is not None else "hidden_size / num_attention_heads"
         qn = tensors.get("decoder.layers.0.self_attention.q_layernorm.weight")

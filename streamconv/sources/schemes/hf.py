@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers`` names: Llama, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm).
+"""Hugging Face ``transformers`` names: Llama, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm), Qwen3-MoE, DeepSeek-V3.
 
 ``model.embed_tokens``, ``model.layers.N.self_attn.{q,k,v,o}_proj``,
 ``self_attn.{q,k}_norm``, ``input_layernorm``, ``post_attention_layernorm``,
@@ -22,13 +22,15 @@ transformers' own convert_llama_weights_to_hf.py). Megatron core_r0.12.0 with
 rows per query group without permuting them. Qwen3's q/k norm is applied per
 head before rope on both sides (Megatron's ``q_layernorm``/``k_layernorm``).
 
-MoE and MLA names (Qwen3-MoE, Qwen2-MoE, DeepSeek-V3) are recognised and refused
-in one line for now: :data:`PENDING` lists them. To read them, router, shared
-experts and MLA projections become rows of :attr:`HuggingFace.layer_suffixes`
-(canonical names as the mindformers mcore scheme has them), and the per-expert
-``mlp.experts.E.{gate,up,down}_proj`` need canonical per-expert names with a
-layout rule that takes one source tensor per expert (mindformers stores them
-stacked, ``mlp.experts.weight1/2``, read through ``ExpertRef``).
+MoE: the router ``mlp.gate`` (+ DeepSeek's ``e_score_correction_bias``, kept
+fp32), shared experts as a split gated MLP, and one gate/up/down tensor per
+routed expert, named ``mlp.experts.E.linear_fc1_gate/up``, ``linear_fc2``
+canonically and picked per EP rank by the ``ExpertOf`` rule (mindformers stacks
+them instead, read through ``ExpertRef``). MLA: DeepSeek's projections are
+Megatron's own tensors, unchanged, and need no rope permutation either
+(``rope_interleave`` is undone inside both attentions). What Megatron r0.12
+cannot load or streamconv does not read from HF names is refused in one line:
+:data:`PENDING` lists it.
 """
 
 from __future__ import annotations
@@ -36,17 +38,18 @@ from __future__ import annotations
 import re
 
 from ...core.options import Fc1Layout, QkvLayout
-from .base import LAYER_INDEX, EntryClass, InputScheme, NameClass, SourceLayouts
+from .base import LAYER_INDEX, EntryClass, InputScheme, NameClass, SourceLayouts, layer_key
 
-#: per-layer weights that need MoE / MLA support: (pattern on the per-layer suffix, what they are)
+#: per-layer weights streamconv cannot convert from HF names: (pattern on the per-layer suffix, what they are)
 PENDING = (
-    (re.compile(r"mlp\.experts\.\d+\.(gate|up|down)_proj\.weight"), "routed experts (MoE)"),
-    (re.compile(r"mlp\.gate\.(weight|e_score_correction_bias)"), "MoE router"),
-    (re.compile(r"mlp\.shared_experts?\.(gate|up|down)_proj\.weight"), "shared experts (MoE)"),
-    (re.compile(r"mlp\.shared_expert_gate\.weight"), "shared-expert gate (MoE)"),
-    (re.compile(r"self_attn\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|q_a_layernorm|kv_a_layernorm)\.weight"),
-     "multi-latent attention (MLA)"),
+    (re.compile(r"mlp\.shared_expert_gate\.weight"), "shared-expert gate (Megatron r0.12 cannot load one)"),
+    (re.compile(r"mlp\.shared_expert\.(gate|up|down)_proj\.weight"), "Qwen2-MoE shared expert"),
+    (re.compile(r"(enorm|hnorm|eh_proj|shared_head\.norm|shared_head\.head|embed_tokens)\.weight"),
+     "multi-token-prediction (MTP) layer"),
 )
+#: routed experts, one tensor each: mlp.experts.E.{gate,up,down}_proj -> streamconv's per-expert canonical names
+_EXPERT_RE = re.compile(r"mlp\.experts\.(0|[1-9]\d{0,5})\.(gate|up|down)_proj\.weight")
+_EXPERT_CANONICAL = {"gate": "linear_fc1_gate", "up": "linear_fc1_up", "down": "linear_fc2"}
 
 
 class HuggingFace(InputScheme):
@@ -76,6 +79,20 @@ class HuggingFace(InputScheme):
         "mlp.up_proj.bias": "mlp.linear_fc1_up.bias",
         "mlp.down_proj.weight": "mlp.linear_fc2.weight",
         "mlp.down_proj.bias": "mlp.linear_fc2.bias",
+        # mixture of experts (Qwen3-MoE, DeepSeek-V3): router, score-correction bias, shared experts
+        "mlp.gate.weight": "mlp.router.weight",
+        "mlp.gate.e_score_correction_bias": "mlp.router.expert_bias",
+        "mlp.shared_experts.gate_proj.weight": "mlp.shared_experts.linear_fc1_gate.weight",
+        "mlp.shared_experts.up_proj.weight": "mlp.shared_experts.linear_fc1_up.weight",
+        "mlp.shared_experts.down_proj.weight": "mlp.shared_experts.linear_fc2.weight",
+        # multi-latent attention (DeepSeek): the same tensors as Megatron's, no row reordering (FORMAT.md §6);
+        # without q_lora, q_proj is MLA's linear_q_proj (read under the linear_q name)
+        "self_attn.q_a_proj.weight": "self_attention.linear_q_down_proj.weight",
+        "self_attn.q_a_layernorm.weight": "self_attention.q_layernorm.weight",
+        "self_attn.q_b_proj.weight": "self_attention.linear_q_up_proj.weight",
+        "self_attn.kv_a_proj_with_mqa.weight": "self_attention.linear_kv_down_proj.weight",
+        "self_attn.kv_a_layernorm.weight": "self_attention.kv_layernorm.weight",
+        "self_attn.kv_b_proj.weight": "self_attention.linear_kv_up_proj.weight",
     }
     layer_pattern = re.compile(rf"model\.layers\.{LAYER_INDEX}\.(.+)")
     exclusive = True  # fused mindformers tensors beside HF ones would need layout flags this scheme ignores
@@ -86,6 +103,11 @@ class HuggingFace(InputScheme):
         if m and m.group(2) == "self_attn.rotary_emb.inv_freq":
             # a buffer older transformers versions saved: recomputed from rope_theta, not a weight
             return NameClass(EntryClass.PLACEHOLDER)
+        e = _EXPERT_RE.fullmatch(m.group(2)) if m else None
+        if e:
+            i = int(m.group(1))
+            suffix = f"mlp.experts.{int(e.group(1))}.{_EXPERT_CANONICAL[e.group(2)]}.weight"
+            return NameClass(EntryClass.WEIGHT, layer_key(i, suffix), i, self)
         return super().canonical(name)
 
     def source_layouts(self, options) -> SourceLayouts:
@@ -98,9 +120,8 @@ class HuggingFace(InputScheme):
             return None
         for pattern, what in PENDING:
             if pattern.fullmatch(m.group(2)):
-                return (f"tensor {name!r} is a Hugging Face {what} weight; streamconv converts dense Hugging Face "
-                        "models only for now (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM), not MoE or MLA "
-                        "ones (convert the mindformers checkpoint made from it instead)")
+                return (f"tensor {name!r} is a Hugging Face {what} weight, which streamconv does not convert "
+                        "from Hugging Face names (convert the mindformers checkpoint made from it instead)")
         return None
 
     def notes(self, config, options) -> list:
