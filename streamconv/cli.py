@@ -297,6 +297,10 @@ def _main(argv: list) -> int:
 
 def main(argv: list | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "WORLD_SIZE" in os.environ:
+        # a torchrun worker: a failed rendezvous must end in our one line, not in c10d's C++ log and stack
+        # dump (read when torch is imported, so set before any import of it)
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     debug = "--debug" in argv
     try:
         return _main(argv)
