@@ -8,7 +8,7 @@ knows streamconv's rules.
 
 Variants (``make_variant``) reshape a fixture where the real Megatron dumps need
 another model: a fourth DeepSeek layer (an even PP 2 split), DeepSeek without
-q_lora, a Qwen3-MoE whose layer 0 is dense. Each variant is written on both sides
+q_lora, DeepSeek with one MTP layer, a Qwen3-MoE whose layer 0 is dense. Each variant is written on both sides
 (mindformers names and HF names) by the same elementwise operation on tensors
 the MANIFEST relates, or by new tensors stored identically on both sides
 (linear_q_proj = q_proj; a dense fc1 stored row-interleaved as mindformers does).
@@ -74,7 +74,7 @@ def make_variant(name: str, root: str) -> dict:
     rng = np.random.default_rng(20251130)
     d = os.path.join(root, name)
     os.makedirs(d, exist_ok=True)
-    if name in ("ds4", "ds4_noqlora"):
+    if name in ("ds4", "ds4_noqlora", "ds4_mtp1"):
         model = "deepseek_v3"
         mf = dict(_mf_tensors(model))
         hf = {k: v.numpy() for k, v in hf_tensors(model).items()}
@@ -98,6 +98,22 @@ def make_variant(name: str, root: str) -> dict:
                 mf[p + "linear_q_proj.weight"] = q
                 hf[h + "q_proj.weight"] = q.copy()
             cfg["q_lora_rank"] = None
+        if name == "ds4_mtp1":
+            # one MTP layer: its transformer layer := 0.5 x layer 2 on both sides (mindformers
+            # mtp.layers.0.transformer_layer.*, HF model.layers.4.*), its norms and eh_proj new and equal on both
+            # sides (mindformers enorm, hnorm, eh_proj, final_layernorm = HF enorm, hnorm, eh_proj, shared_head.norm)
+            for k in list(mf):
+                if k.startswith("decoder.layers.2."):
+                    mf[k.replace("decoder.layers.2.", "mtp.layers.0.transformer_layer.")] = 0.5 * mf[k]
+            for k in list(hf):
+                if k.startswith("model.layers.2."):
+                    hf[k.replace("model.layers.2.", "model.layers.4.")] = 0.5 * hf[k]
+            for mine, theirs, shape in (("enorm", "enorm", (32,)), ("hnorm", "hnorm", (32,)),
+                                        ("final_layernorm", "shared_head.norm", (32,)), ("eh_proj", "eh_proj", (32, 64))):
+                v = ((1.0 if len(shape) == 1 else 0.0) + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+                mf[f"mtp.layers.0.{mine}.weight"] = v
+                hf[f"model.layers.4.{theirs}.weight"] = v.copy()
+            cfg["num_nextn_predict_layers"] = 1
     elif name == "q3_dense0":
         model = "qwen3_moe"
         mf = dict(_mf_tensors(model))

@@ -110,8 +110,20 @@ CASES = {
     "ds4_noqlora_tp2_ep2_te": dict(
         model="deepseek_v3", input="ds4_noqlora", tp=2, pp=1, ep=2, impl="transformer_engine",
         dirs=["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]),
+    # one multi-token-prediction layer (variant): on the last stage with the embedding, after the final norm
+    "ds4_mtp1_tp2_pp2_ep2_local": dict(
+        model="deepseek_v3", input="ds4_mtp1", tp=2, pp=2, ep=2, impl="local", vocab=64,
+        dirs=["mp_rank_00_000_000", "mp_rank_00_000_001", "mp_rank_01_000_000", "mp_rank_01_000_001",
+              "mp_rank_00_001_000", "mp_rank_00_001_001", "mp_rank_01_001_000", "mp_rank_01_001_001"],
+        truth="deepseek_v3_mtp1_tp2_pp2_ep2"),
+    "ds4_mtp1_tp2_ep2_etp1_te_grouped": dict(
+        model="deepseek_v3", input="ds4_mtp1", tp=2, pp=1, ep=2, etp=1, impl="transformer_engine", grouped=True,
+        dirs=["mp_rank_00_000", "mp_rank_01_001"]),
+    "ds_mf_pp3_ep2_local": dict(
+        model="deepseek_v3", input="mf", tp=1, pp=3, ep=2, impl="local",
+        dirs=[f"mp_rank_00_{p:03d}_{e:03d}" for p in range(3) for e in range(2)]),
 }
-VARIANTS = ("ds4", "ds4_noqlora", "q3_dense0")
+VARIANTS = ("ds4", "ds4_noqlora", "ds4_mtp1", "q3_dense0")
 
 
 def _argv(case: dict, load: str, config: str, save: str) -> list:
@@ -223,10 +235,11 @@ def expected_file(case: dict, m: dict, hf: dict, cfg: dict, tp: int, pp: int, ep
         x[key + ".weight"] = w
         x[key + "._extra_state"] = TE_NORM
 
-    if pp == 0:
-        x["embedding.word_embeddings.weight"] = _vocab(hf["model.embed_tokens.weight"], padded, TP, tp)
-    for j, i in enumerate(stage_layers(case, n_layers)[pp]):
-        h, o = f"model.layers.{i}.", f"decoder.layers.{j}."
+    def plain(key, w):
+        x[key + ".weight"] = w
+
+    def layer(i, h, o):
+        """Layer i of the HF model (keys under ``h``) as Megatron's layer keys under ``o``."""
         a = h + "self_attn."
         if mla:
             # TransformerLayer(input_layernorm, self_attention=MLASelfAttention(core_attention, linear_proj,
@@ -284,7 +297,7 @@ def expected_file(case: dict, m: dict, hf: dict, cfg: dict, tp: int, pp: int, ep
                 x[o + "pre_mlp_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"]
             linear(o + "mlp.linear_fc1", _gated(hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"], TP, tp))
             linear(o + "mlp.linear_fc2", _cols(hf[mlp + "down_proj.weight"], TP, tp))
-            continue
+            return
         # MoE layer: pre_mlp_layernorm (a TENorm of its own under TE), MoELayer(router, experts, shared_experts)
         if te:
             te_norm(o + "pre_mlp_layernorm", hf[h + "post_attention_layernorm.weight"])
@@ -316,10 +329,26 @@ def expected_file(case: dict, m: dict, hf: dict, cfg: dict, tp: int, pp: int, ep
             linear(o + "mlp.shared_experts.linear_fc1",
                    _gated(hf[sh + "gate_proj.weight"], hf[sh + "up_proj.weight"], TP, tp))
             linear(o + "mlp.shared_experts.linear_fc2", _cols(hf[sh + "down_proj.weight"], TP, tp))
-    if pp == case["pp"] - 1:
+
+    last = pp == case["pp"] - 1
+    n_mtp = cfg.get("num_nextn_predict_layers", 0)
+    if pp == 0 or (last and n_mtp):  # Megatron builds the embedding where the MTP layers are too
+        x["embedding.word_embeddings.weight"] = _vocab(hf["model.embed_tokens.weight"], padded, TP, tp)
+    for j, i in enumerate(stage_layers(case, n_layers)[pp]):
+        layer(i, f"model.layers.{i}.", f"decoder.layers.{j}.")
+    if last:
         x["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
         if te:  # the local MoE block spec's final norm has no extra state (FORMAT.md §6)
             x["decoder.final_layernorm._extra_state"] = TE_NORM
+        for k in range(n_mtp):
+            # MultiTokenPredictionLayer(enorm, hnorm, eh_proj column-parallel [H/TP, 2H], transformer_layer,
+            # final_layernorm); HF keeps it as layer L + k with shared_head.norm
+            h, o = f"model.layers.{n_layers + k}.", f"mtp.layers.{k}."
+            (te_norm if te else plain)(o + "enorm", hf[h + "enorm.weight"])
+            (te_norm if te else plain)(o + "hnorm", hf[h + "hnorm.weight"])
+            linear(o + "eh_proj", _rows(hf[h + "eh_proj.weight"], TP, tp))
+            layer(n_layers + k, h, o + "transformer_layer.")
+            (te_norm if te else plain)(o + "final_layernorm", hf[h + "shared_head.norm.weight"])
         x["output_layer.weight"] = _vocab(hf["lm_head.weight"], padded, TP, tp)
         x["output_layer._extra_state"] = NONE  # GPTModel's own ColumnParallelLinear under both specs
     return x
@@ -439,7 +468,8 @@ def _expected_args(case: dict, cfg: dict) -> dict:
                 moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5,
                 moe_router_num_groups=None, moe_router_group_topk=None,  # n_group 1: no group-limited routing
                 multi_latent_attention=True, q_lora_rank=cfg["q_lora_rank"], kv_lora_rank=16, qk_head_dim=8,
-                qk_pos_emb_head_dim=4, v_head_dim=6, rotary_scaling_factor=1.0, mtp_num_layers=None)
+                qk_pos_emb_head_dim=4, v_head_dim=6, rotary_scaling_factor=1.0,
+                mtp_num_layers=cfg.get("num_nextn_predict_layers") or None)
 
 
 #: what Megatron r0.12's argparse gives a field the checkpoint leaves out (load_args_from_checkpoint keeps it)
