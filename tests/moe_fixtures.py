@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -138,18 +137,6 @@ def make_variant(name: str, root: str) -> dict:
     json.dump(cfg, open(config, "w"), indent=1)
     return dict(model=model, load=load, config=config, hf={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hf.items()},
                 hf_config=cfg)
-
-
-def copy_fixture_input(model: str, which: str, dest: str) -> str:
-    """A private copy of one fixture input (for tests that damage it); returns the path to pass as --load-dir."""
-    src = os.path.join(fixture_dir(model), INPUTS[model][which])
-    if os.path.isdir(src):
-        shutil.copytree(src, dest)
-        return dest
-    os.makedirs(dest, exist_ok=True)
-    out = os.path.join(dest, os.path.basename(src))
-    shutil.copy(src, out)
-    return out
 
 
 # ---------------------------------------------------------------------------- running the CLI in batches
