@@ -46,6 +46,8 @@ def _read_index_json(path: str) -> dict:
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read the index file ({e}); re-copy or remove it") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
+    if wm is None and isinstance(obj, dict) and obj and all(isinstance(v, str) for v in obj.values()):
+        wm = obj  # mindformers' convert_weight.py writes param_name_map.json as a flat {name: file}
     if not isinstance(wm, dict):
         raise InputError(f"{path}: index has no 'weight_map' of tensor name -> file name")
     for k, v in wm.items():
@@ -54,10 +56,24 @@ def _read_index_json(path: str) -> dict:
     return wm
 
 
+def _lone_rank_0(directory: str) -> bool:
+    """``rank_0`` with no other ``rank_N`` beside it: a one-device run, whose files hold whole weights."""
+    if os.path.basename(os.path.normpath(directory)) != "rank_0":
+        return False
+    parent = os.path.dirname(os.path.abspath(directory))
+    try:
+        siblings = [e for e in os.listdir(parent) if _RANK_DIR_RE.fullmatch(e)]
+    except OSError:
+        return False
+    return siblings == ["rank_0"]
+
+
 def _refuse_per_rank(directory: str) -> None:
     try:
         entries = os.listdir(directory)
     except OSError:
+        return
+    if _lone_rank_0(directory):
         return
     rank_dirs = sorted(e for e in entries if _RANK_DIR_RE.fullmatch(e) and os.path.isdir(os.path.join(directory, e)))
     per_rank_files = [e for e in entries if _PER_RANK_FILE_RE.fullmatch(e)]
