@@ -9,7 +9,8 @@ MoE/MLA and torch_dist checkpoints the harness is exercised on are made here:
   routers' ``expert_bias`` kept fp32 as Megatron keeps it after a forward), every
   tensor is filled from the Hugging Face weights, and Megatron's own
   ``save_checkpoint`` writes it (legacy ``torch`` or ``torch_dist``; the torch_dist
-  writer needs the two stand-ins of ``_mcore_cpu.patch_writer``).
+  writer needs the two stand-ins of ``_mcore_cpu.patch_writer``), without the RNG and
+  rerun-state entries a converter would not write either (``real_save(converter_like=True)``).
 * The filling uses a small in-memory mapping from HF names to Megatron's GLOBAL
   (unsharded) tensors, keyed by the ShardedTensor keys of ``model.sharded_state_dict()``;
   each rank then copies the part its ShardedTensors describe (global offset, local
@@ -219,7 +220,7 @@ def save_worker(rank, world, port, argv, hf_dir, cfg, fmt, save_dir, mutation):
                 t.is_floating_point() and torch.isnan(t).any()]
         if left:
             raise RuntimeError(f"rank {rank}: not filled from HF: {left}")
-    M.real_save(args, wrapped, fmt, save_dir)
+    M.real_save(args, wrapped, fmt, save_dir, converter_like=True)
     M.teardown()
 
 

@@ -44,6 +44,9 @@ CPU stand-ins (each one changes no parameter, buffer or key; all applied by
   0.12.x pulls zarr/ml-dtypes that need numpy >= 2, so numpy stays 2.x.
 * ``megatron.training.checkpointing`` sees a ``torch`` whose ``tensor(..., device='cuda')``
   makes a CPU tensor: ``read_metadata`` all-reduces the iteration number in a CUDA tensor.
+* ``checkpointing.fix_fp8_params_lose_precision_when_loading_dist_ckpt`` (torch_dist load)
+  asks for the Transformer Engine version before looking for fp8 parameters; without TE
+  that import fails. There are no fp8 parameters here, so it is a no-op.
 * Only with ``--moe-grouped-gemm`` (local spec -> legacy ``GroupedMLP``, which needs the
   CUDA-only ``grouped_gemm`` package): ``grouped_gemm_is_available`` is made to say
   yes and ``torch.cuda.get_device_capability`` to say (9, 0) (validate_args checks
@@ -145,6 +148,7 @@ def apply_cpu_shims(grouped_gemm_stub: bool = False) -> None:
             return torch.tensor(*a, device=None if str(device).startswith("cuda") else device, **k)
 
     checkpointing.torch = _TorchOnCPU("torch")
+    checkpointing.fix_fp8_params_lose_precision_when_loading_dist_ckpt = lambda state_dict: None
 
     if grouped_gemm_stub:
         from megatron.core.transformer.moe import grouped_gemm_util
@@ -280,15 +284,34 @@ def patch_writer() -> None:
     fa._cpu_patched = True
 
 
-def real_save(args, wrapped, fmt: str, save_dir: str) -> None:
-    """Megatron's own save_checkpoint (iteration 1, no optimizer) in ``fmt`` (torch or torch_dist)."""
-    from megatron.training.checkpointing import save_checkpoint
+def real_save(args, wrapped, fmt: str, save_dir: str, converter_like: bool = False) -> None:
+    """Megatron's own save_checkpoint (iteration 1, no optimizer) in ``fmt`` (torch or torch_dist).
+
+    ``converter_like``: leave out what only a training run has and a converted checkpoint
+    does not: the RNG state (``--no-save-rng``) and the rerun-state-machine entry. Both
+    matter for torch_dist: Megatron's load requests ``rerun_state_machine_state`` whenever
+    common.pt has a ``rerun_state_machine`` key and the TP/PP are unchanged, and with
+    ``--dist-ckpt-strictness raise_all`` a checkpoint object the model does not request
+    (``rng_state`` under ``--no-load-rng``, the rerun state at another TP/PP) is an error.
+    """
+    from megatron.training import checkpointing
 
     patch_writer()
     args.save, args.save_interval, args.ckpt_format = save_dir, 1, fmt
     args.use_dist_ckpt = fmt != "torch"
-    args.no_save_optim, args.no_save_rng = True, False
-    save_checkpoint(1, wrapped, None, None, 0)
+    args.no_save_optim, args.no_save_rng = True, converter_like
+    orig = checkpointing.generate_state_dict
+    if converter_like:
+        def generate_state_dict(*a, **k):
+            sd = orig(*a, **k)
+            sd.pop("rerun_state_machine", None)
+            return sd
+
+        checkpointing.generate_state_dict = generate_state_dict
+    try:
+        checkpointing.save_checkpoint(1, wrapped, None, None, 0)
+    finally:
+        checkpointing.generate_state_dict = orig
     torch.distributed.barrier()
 
 

@@ -47,12 +47,19 @@ One process per rank (gloo, CPU). Each rank dumps:
   chunk this rank writes), ``sd`` (the state-dict key it came from) and ``factory``
   (made by a ShardedTensorFactory); for every ShardedObject its key, unique_key,
   global shape/offset, replica_id, data type and value, and the bytes Megatron's
-  torch_dist strategy stores for it (``torch.save([data])``, as hex).
+  torch_dist strategy stores for it (``torch.save([data])``: its length).
 
 ``--write-checkpoints`` additionally runs Megatron's real ``save_checkpoint`` (torch and
-torch_dist, random weights) into a temporary dir and adds a ``written`` section: the
-files, the top-level keys of each legacy file, and for torch_dist the global
-``.metadata`` (every key's chunks and the file each chunk went to) and common.pt's keys.
+torch_dist, random weights, as a training run saves: with RNG and rerun state) into a
+temporary dir and adds a ``written`` section: the files, the top-level keys of each
+legacy file, common.pt's keys, and for torch_dist every ``.metadata`` item (tensor: global
+size, dtype, number of chunks and the files they went to; byte item: file, length and
+what ``torch.load`` gives). It also checks the dump against those files and records the
+verdicts: ``files_and_models_match_dump`` (legacy: exactly the ``writes`` ranks' files,
+each with the dumped state dict in order) and ``metadata_matches_main_replicas``
+(torch_dist: the chunks are exactly the dump's main-replica chunks, the byte items
+exactly its main-replica ShardedObjects; ``not_model_state`` lists save_checkpoint's own
+objects).
 Megatron's torch_dist writer needs two more stand-ins for that (documented in
 ``_mcore_cpu.patch_writer``).
 """
@@ -60,6 +67,7 @@ Megatron's torch_dist writer needs two more stand-ins for that (documented in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -259,7 +267,12 @@ def check_written(written: dict, ranks: list) -> None:
     """
     leg = written["torch"]
     models = leg.pop("_models")
-    expect = {r["legacy"]["file"]: r["legacy"]["state_dict"] for r in ranks if r["legacy"]["writes"]}
+    expect = {}
+    for r in ranks:  # the files were written after the routers' first-forward dtype fix (see worker)
+        if r["legacy"]["writes"]:
+            after = r["legacy"]["dtype_after_forward"]
+            expect[r["legacy"]["file"]] = [[e[0], e[1], after[e[0]]] if e[0] in after else e
+                                           for e in r["legacy"]["state_dict"]]
     ok = set(models) == set(expect) and all(json.loads(json.dumps(models[f])) == expect[f] for f in expect)
     leg["files_and_models_match_dump"] = ok
     dist = written["torch_dist"]
@@ -287,6 +300,11 @@ def check_written(written: dict, ranks: list) -> None:
         "extra_in_metadata": sorted(set(got_t) - set(want_t)) + sorted(got_o - want_o),
         "not_model_state": other,
     }
+    # the chunk lists equal the dump's main replicas (checked above): keep only counts and files
+    for item in dist["metadata"]["items"].values():
+        if "chunks" in item:
+            item["files"] = sorted({c[2] for c in item["chunks"]})
+            item["chunks"] = len(item["chunks"])
 
 
 # ----------------------------------------------------------------------------- worker
@@ -320,6 +338,97 @@ def worker(rank, world, port, argv, out_dir, write_ckpts, grouped_gemm):
             M.real_save(args, wrapped, fmt, os.path.join(out_dir, f"save_{fmt}"))
             torch.distributed.barrier()
     M.teardown()
+
+
+# ----------------------------------------------------------------------------- transformer_engine spec
+
+TE_PLACEHOLDERS = ("TEColumnParallelLinear", "TERowParallelLinear", "TELayerNormColumnParallelLinear", "TENorm",
+                   "TEDotProductAttention", "TEColumnParallelGroupedLinear", "TERowParallelGroupedLinear")
+
+
+def _spec_tree(x):
+    """A ModuleSpec / submodules dataclass / class as JSON (class names only)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(x, ModuleSpec):
+        out = {"module": _spec_tree(x.module)}
+        if x.params:
+            out["params"] = {k: repr(v) for k, v in x.params.items()}
+        if x.submodules is not None:
+            out["submodules"] = _spec_tree(x.submodules)
+        return out
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _spec_tree(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, (list, tuple)):
+        return [_spec_tree(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _spec_tree(v) for k, v in x.items()}
+    if isinstance(x, type) or callable(x):
+        return getattr(x, "__name__", repr(x))
+    return x
+
+
+def te_spec_worker(rank, world, port, argv, out_dir, grouped_gemm=False):
+    """Megatron's own spec functions for the TE spec, with name-only placeholders for the TE classes.
+
+    Without Transformer Engine the TE classes do not exist, so no TE module can be built and
+    no TE parameter name (weight / layer_norm_weight / _extra_state ...) can be observed. What
+    Megatron's spec code decides WITHOUT building anything can: which module path gets which
+    TE class, where norms are fused into linears, and the local spec's
+    ``sharded_state_dict_keys_map``. Each placeholder is an empty class named after the TE
+    class it stands for; ``is_te_min_version`` answers True (TE >= 1.9 assumed, as any TE that
+    r0.12 supports); the MTP spec's ``HAVE_TE`` check is satisfied.
+    """
+    M.add_megatron_lm(None)
+    M.apply_cpu_shims(grouped_gemm_stub=grouped_gemm)
+    args = M.init_megatron(argv, rank, world, port)
+    from megatron.core.models.gpt import gpt_layer_specs as S
+    from megatron.core.models.gpt import moe_module_specs as MS
+    from megatron.core.transformer import multi_token_prediction as MTP
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    for mod in (S, MS, MTP):
+        for n in TE_PLACEHOLDERS:
+            setattr(mod, n, type(n, (), {"__doc__": "placeholder: Transformer Engine not installed"}))
+        if hasattr(mod, "is_te_min_version"):
+            mod.is_te_min_version = lambda *a, **k: True
+    MTP.HAVE_TE = True
+    config = core_transformer_config_from_args(args)
+    out = {}
+    for impl, use_te in (("transformer_engine", True), ("local", False)):
+        # the same choice as pretrain_gpt.model_provider
+        if args.num_experts:
+            spec = S.get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization=args.normalization)
+        elif use_te:
+            spec = S.get_gpt_layer_with_transformer_engine_spec(
+                args.num_experts, args.moe_grouped_gemm, args.qk_layernorm, args.multi_latent_attention,
+                args.moe_use_legacy_grouped_gemm)
+        else:
+            spec = S.get_gpt_layer_local_spec(
+                args.num_experts, args.moe_grouped_gemm, args.qk_layernorm, args.multi_latent_attention,
+                args.moe_use_legacy_grouped_gemm, normalization=args.normalization)
+        mtp = S.get_gpt_mtp_block_spec(config, spec, use_transformer_engine=use_te) if args.mtp_num_layers else None
+        out[impl] = {"decoder": _spec_tree(spec), "mtp": _spec_tree(mtp)}
+    with open(os.path.join(out_dir, "te_spec.json"), "w") as f:
+        json.dump(out, f)
+    M.teardown()
+
+
+def run_te_spec(name, argv, out_path, meta, grouped_gemm=False) -> None:
+    import torch.multiprocessing as mp
+
+    # one rank, no parallelism: the spec does not depend on the layout (except the PP slice)
+    with tempfile.TemporaryDirectory(prefix="mtruth_te_") as tmp:
+        mp.spawn(te_spec_worker, args=(1, M.free_port(), argv, tmp, grouped_gemm), nprocs=1, join=True)
+        spec = M.load_json(os.path.join(tmp, "te_spec.json"))
+    import megatron.core
+
+    doc = {"case": name, "megatron_core": megatron.core.__version__, "megatron_argv": " ".join(argv), **meta,
+           "note": "module classes chosen by Megatron's spec functions; TE classes are name-only placeholders "
+                   "(Transformer Engine is not installed), so TE parameter names are NOT observed here",
+           "spec": spec}
+    with open(out_path, "w") as f:
+        f.write(_compact(doc) + "\n")
 
 
 # ----------------------------------------------------------------------------- output
@@ -374,6 +483,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mtp-layers", type=int)
     ap.add_argument("--moe-grouped-gemm", action="store_true",
                     help="local spec + grouped GEMM = legacy GroupedMLP (built with a stand-in; no forward)")
+    ap.add_argument("--te-spec", action="store_true",
+                    help="instead: dump the transformer_engine (and local) layer specs Megatron chooses, with "
+                         "name-only TE placeholders, to te_spec_<case>.json (one rank, TP=PP=EP=1)")
     ap.add_argument("--write-checkpoints", action="store_true",
                     help="also run Megatron's save_checkpoint (torch and torch_dist) and describe the files")
     ap.add_argument("--out", help="output JSON (default tests/data/megatron_truth/<case>.json)")
@@ -391,11 +503,17 @@ def main(argv=None) -> int:
         names = list(CASES) if a.all else a.case.split(",")
         todo = {n: CASES[n] for n in names}
     for name, (cfg, ov, layout, opts) in todo.items():
+        if a.te_spec:
+            layout = dict(tp=1, pp=1)
         argv_m, world = case_argv(cfg, ov, layout, opts)
-        out = a.out if (a.out and len(todo) == 1) else os.path.join(OUT_DIR, f"{name}.json")
+        out = a.out if (a.out and len(todo) == 1) else os.path.join(OUT_DIR, ("te_spec_" if a.te_spec else "") + f"{name}.json")
         meta = {"hf_config": os.path.relpath(cfg, FIX) if cfg.startswith(FIX) else cfg, "config_overrides": ov,
                 "layout": layout}
         print(f"[{name}] world {world}: {' '.join(argv_m)}", flush=True)
+        if a.te_spec:
+            run_te_spec(name, argv_m, out, meta, bool(opts.get("grouped_gemm")))
+            print(f"[{name}] -> {os.path.relpath(out)}", flush=True)
+            continue
         run(name, argv_m, world, out, a.write_checkpoints, bool(opts.get("grouped_gemm")), meta)
         print(f"[{name}] -> {os.path.relpath(out)}", flush=True)
     return 0
