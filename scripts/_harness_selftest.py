@@ -306,12 +306,12 @@ def run_case(name, work, streamconv_python=None):
     hf_dir, fmt, save_layout, load_layouts, opts = CASES[name]
     save = os.path.join(work, name)
     shutil.rmtree(save, ignore_errors=True)
+    ref_dir = hf_dir_for(hf_dir, opts, work)  # the HF model both the checkpoint and the reference come from
     try:
-        make_checkpoint(hf_dir, fmt, save_layout, save, opts)
+        make_checkpoint(ref_dir, fmt, save_layout, save, opts)
     except Exception as e:  # noqa: BLE001 - one line per case
         print(f"[{name}] making the checkpoint failed: {str(e).strip().splitlines()[-1]}")
         return [False]
-    ref_dir = hf_dir_for(hf_dir, opts, work)
     for lay in load_layouts:
         r = C.check(save, ref_dir, lay.get("tp", 1), lay.get("pp", 1), lay.get("ep", 1), lay.get("etp"),
                     lay.get("first_stage_layers"), name=name, verbose=False)

@@ -43,16 +43,23 @@ What it does, one process per rank of the LOAD layout:
    fp32 compute on the bf16-rounded parameters; buffers such as DeepSeek-V3's
    ``e_score_correction_bias`` are left fp32). Pass: ``max|diff| <= 1e-4 * max|logit|``
    over the true vocabulary. MTP layers are loaded (strictly) but take no part in the
-   main logits, as in HF.
+   main logits, as in HF: r0.12's MTP block asserts ``labels`` in its forward, so
+   ``model.mtp_process`` is switched off for the forward pass (after loading).
 
 One line per case; exit code non-zero on any failure (``CHECK_MEGATRON_DEBUG=1`` prints
 the first failing rank's traceback).
 
-CPU stand-ins: those of scripts/_mcore_cpu.py (cuda shims, MLA core-attention k/v
-channels, sequence-parallel norm guard). In addition the token dispatcher is forced
-to ``allgather`` (``alltoall`` needs CUDA streams; the dispatcher changes no weights)
-and ``--moe-grouped-gemm`` checkpoints are refused (the legacy GroupedMLP has no CPU
-kernels).
+CPU stand-ins (scripts/_mcore_cpu.py has the details; none changes a parameter or a key):
+``torch.cuda.current_device`` -> "cpu", ``Module.cuda``/``Tensor.cuda`` -> identity,
+``torch.cuda.synchronize`` -> no-op, the inference RNG tracker instead of the CUDA one;
+MLA's core attention accepts ``k_channels``/``v_channels`` (upstream issue #1589); the
+local torch norm accepts sequence parallelism (required for TP > 1 with EP > 1; the norm
+is per token); ``read_metadata``'s CUDA all-reduce tensor is made on the CPU; the fp8
+fix-up of the torch_dist load (which imports Transformer Engine) is a no-op;
+``numpy.product`` = ``numpy.prod``. In addition the token dispatcher is forced to
+``allgather`` (``alltoall`` needs CUDA streams; the dispatcher changes no weights),
+MTP is skipped in the forward (see 3.), and ``--moe-grouped-gemm`` checkpoints are
+refused (the legacy GroupedMLP has no CPU kernels).
 """
 
 from __future__ import annotations
@@ -252,6 +259,9 @@ def worker(rank, world, port, save_dir, fmt, layout, tokens, out_dir, drop_keys=
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     if flag.item():
         model.eval()
+        # r0.12's MTP block asserts labels (it computes the MTP loss); the main logits do not depend on
+        # it, and HF ignores MTP layers too: skip it in the forward (its weights were loaded strictly)
+        model.mtp_process = False
         n = tokens.numel()
         ids, pos = tokens.view(1, n), torch.arange(n).view(1, n)
         mask = torch.ones(1, 1, n, n, dtype=torch.bool).triu(1)  # True = masked out

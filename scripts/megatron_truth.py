@@ -7,18 +7,23 @@ that Megatron's own ``pretrain_gpt.model_provider`` builds from Megatron's own p
 arguments (see scripts/_mcore_cpu.py for how, and for the CPU stand-ins). Not part of
 CI. No tensor data is dumped.
 
-Environment (once; torch is pinned: an unpinned torch pulls a multi-GB CUDA build, and
-``transformers`` is installed in the same command so pip cannot swap torch):
+Environment (once; torch is pinned: an unpinned torch pulls a multi-GB CUDA build, so
+every pip command that could touch torch names ``torch==2.13.0`` again, which keeps the
+resolver from swapping it for the one transformers or megatron-core would like):
 
     python3 -m venv /work/venv-mcore
     /work/venv-mcore/bin/pip install "torch==2.13.0"
-    /work/venv-mcore/bin/pip install "torch==2.13.0" "megatron-core==0.12.*" "transformers==4.57.*" \\
-        numpy safetensors pytest
-    # the Megatron-LM training side (pretrain_gpt.py, megatron/training), branch core_r0.12.0:
-    git clone --branch core_r0.12.0 <Megatron-LM repository> /tmp/mlm     # or: git archive of that branch
+    /work/venv-mcore/bin/pip install "torch==2.13.0" "megatron-core==0.12.*" "transformers==4.57.*" \
+        numpy safetensors pytest psutil
+    # the Megatron-LM training side (pretrain_gpt.py, megatron/training), branch core_r0.12.0,
+    # e.g. from a bare clone: git --git-dir=<clone> archive core_r0.12.0 megatron/training \
+    #     megatron/legacy pretrain_gpt.py tools | tar -x -C /tmp/mlm
     export MEGATRON_LM=/tmp/mlm
 
-(checked with megatron-core 0.12.3, torch 2.13.0+cpu, transformers 4.57.6.)
+Checked with megatron-core 0.12.3, torch 2.13.0+cpu, transformers 4.57.6, numpy 2.4.6
+(megatron-core 0.12.x pulls zarr/ml-dtypes, which need numpy >= 2; the one numpy-2 break
+in megatron-core, ``np.product``, has a stand-in), psutil (megatron's dist-checkpoint
+writer imports it). ``pip check`` is clean.
 
 Run:
 
