@@ -80,6 +80,10 @@ class _Group:
             # joining is the only short wait (the store); collectives wait as long as the slowest worker converts
             store, _, _ = next(dist.rendezvous("env://", rank, world,
                                                timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S)))
+            # torchrun may hand a restarted group the same agent store: keys of the attempt that failed (the
+            # dead workers' addresses) must not be read by this one
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"streamconv/attempt_{attempt}", store)
             dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=WORK_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - any failure to join is the same story for the user
             raise StreamconvError(
@@ -186,8 +190,10 @@ def convert_distributed(options, progress, rank: int, world: int) -> dict:
             if not coordinator:
                 sd.done = sd.read_done()
                 if sorted(sd.done) != done:
-                    raise StreamconvError(f"worker {rank} does not see the save directory the coordinator opened "
-                                          f"({options.save_dir}): every node needs it on a shared filesystem")
+                    raise StreamconvError(
+                        f"worker {rank} does not see the save directory the coordinator opened ({options.save_dir}: "
+                        f"{len(sd.done)} finished files here, {len(done)} for the coordinator; first difference "
+                        f"{sorted(set(sd.done) ^ set(done))[:1]}): every node needs it on a shared filesystem")
             todo = [f for f in plan.files if f.relpath not in sd.done]
             mine = set(deal(todo, world)[rank])
             written, err = _outcome(lambda: write_files(plan, sd, progress, mine))
