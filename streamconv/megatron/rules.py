@@ -49,9 +49,12 @@ class ExpertOf:
 
 
 def _ref(x, rank: Rank) -> Ref:
-    if isinstance(x, SourceTensor):
-        return Ref(x)
-    return x if isinstance(x, Ref) else x.at(rank)
+    """A rule's source as a Ref at ``rank``: a source tensor (stored whole or as per-rank slices) is all of it."""
+    if isinstance(x, Ref):
+        return x
+    if isinstance(x, ExpertRef):
+        return x.at(rank)
+    return Ref(x)
 
 
 @dataclass(frozen=True)

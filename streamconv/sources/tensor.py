@@ -69,6 +69,7 @@ class Skipped:
     buffers: int = 0
     artifacts: list = field(default_factory=list)  # names
     files: list = field(default_factory=list)  # (path, reason)
+    other: list = field(default_factory=list)  # (what, [names]): other entries set aside, named in the notes
 
     def lines(self) -> list:
         out = []
@@ -88,4 +89,7 @@ class Skipped:
             out.append(f"skipped {name}: no model has it (mindformers' convert_weight writes it by mistake)")
         for path, reason in self.files:
             out.append(f"skipped file {path}: {reason}")
+        for what, names in self.other:
+            shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+            out.append(f"skipped {what}: {shown}")
         return out
