@@ -10,8 +10,10 @@ It is also how the stream reads: :meth:`SourceTensor.read` returns a block of
 rows and :meth:`SourceTensor.spans` the file byte ranges behind them (to
 populate, prefetch and release pages). A tensor stored differently — cut into
 slices over several files, as per-rank training output is — is another class
-with the same five members (``shape``, ``dtype``, ``itemsize``, ``read``,
-``spans``), and nothing downstream changes.
+with the same members (``shape``, ``dtype``, ``itemsize``, ``read``,
+``spans``, ``block_end``), and nothing downstream changes. ``block_end`` lets
+such a tensor end a stream block at a storage boundary, so that a block is read
+from one slice (a view) rather than assembled from two.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class SourceTensor:
         from .mapped import byte_span
 
         return [(self.path, *byte_span(self.info, start, stop))]
+
+    def block_end(self, start: int, stop: int) -> int:
+        """Where a block of rows from ``start`` should end, at most ``stop``: here, ``stop`` (one file holds all)."""
+        return stop
 
     def read(self, files, start: int, stop: int, step: int = 1, col0: int = 0, col1=None, staging=None):
         """Rows ``start:stop:step``, columns ``col0:col1`` as a 2-D numpy array (a view where possible)."""

@@ -12,7 +12,8 @@ the full tensor (any dimension may be split), so:
 
 * a request that lies inside one slice's rows and columns is that slice's rows,
   returned as a view of its mapped file (no copy): the usual case for a
-  column-parallel weight (split on dim 0) read in row blocks;
+  column-parallel weight (split on dim 0) read in row blocks, since
+  :meth:`CompositeTensor.block_end` lets the stream end its blocks at slice edges;
 * otherwise the rows are assembled into one reusable buffer
   (:meth:`MappedFiles.scratch <streamconv.sources.mapped.MappedFiles.scratch>`,
   at most one stream block, counted by the memory model): each overlapping slice
@@ -119,6 +120,21 @@ class CompositeTensor:
         for s in self.slices:
             if s.row0 < stop and start < s.row1:
                 yield s
+
+    @cached_property
+    def _row_edges(self) -> tuple:
+        return tuple(sorted({s.row0 for s in self.slices} | {s.row1 for s in self.slices}))
+
+    def block_end(self, start: int, stop: int) -> int:
+        """The first slice edge after ``start`` and before ``stop``, else ``stop``.
+
+        The stream ends its row blocks there, so a block of a tensor split on
+        dim 0 comes from one slice and is read as a view, not assembled.
+        """
+        for e in self._row_edges:
+            if start < e < stop:
+                return e
+        return stop
 
     def spans(self, start: int, stop: int) -> list:
         """[(path, lo, hi)]: the byte ranges of every slice file holding rows [start, stop)."""
