@@ -181,6 +181,63 @@ def test_verify_reads_the_rank_files(tmp_path, merged_reference):
     assert p.stdout.strip().endswith("OK")
 
 
+# ---------------------------------------------------------------- MoE and MLA models as per-rank output
+
+MOE = os.path.join(FIXTURES_ROOT, "mindformers_moe")
+#: tensor_map choices cycled over the tensors: both dims split, dim 0 by the inner axis, dim 1 by the outer axis
+GRID_MAPS = ([1, 0], [0, -1], [-1, 1])
+
+
+def _grid_box(shape, tmap, r):
+    """FORMAT.md §8 for dev_matrix [2, 2], by hand: axis 0 (from the right) is r % 2, axis 1 is r // 2."""
+    coord = {0: r % 2, 1: r // 2}
+    return [(0, n) if m == -1 else (coord[m] * n // 2, (coord[m] + 1) * n // 2) for m, n in zip(tmap, shape)]
+
+
+def cut_on_grid(src: str, run) -> None:
+    """MindSpore-written whole weights cut over a 2 x 2 device grid, every tensor on its own tensor_map."""
+    from safetensors import safe_open
+
+    with safe_open(src, framework="pt") as f:
+        full = {k: f.get_tensor(k) for k in f.keys()}
+    items = {}
+    for i, (name, t) in enumerate(sorted(full.items())):
+        tmap = [-1] * t.dim()
+        if t.dim() == 2:
+            want = GRID_MAPS[i % 3]
+            tmap = [m if m == -1 or t.shape[d] % 2 == 0 else -1 for d, m in enumerate(want)]
+        elif t.dim() == 1 and t.shape[0] % 2 == 0 and i % 2:
+            tmap = [1]
+        items[name] = {"dev_matrix": [2, 2], "tensor_map": tmap, "tensor_shape": list(t.shape), "field": 0,
+                       "opt_weight_shard_step": 0, "opt_weight_shard_size": 0}
+    os.makedirs(run / "strategy")
+    (run / "strategy" / "ckpt_strategy_rank_0.json").write_text(json.dumps(
+        {"parallel_strategy_item": {"op": {"stage": 0, "parallel_strategy": [[1]]}}, "parallel_layout_item": items}))
+    for r in range(4):
+        part = {n: t[tuple(slice(a, b) for a, b in _grid_box(t.shape, items[n]["tensor_map"], r))].contiguous()
+                for n, t in full.items()}
+        os.makedirs(run / "checkpoint" / f"rank_{r}")
+        save_file(part, str(run / "checkpoint" / f"rank_{r}" / f"mf_rank_{r}-1_1.safetensors"), metadata={"format": "ms"})
+
+
+@pytest.mark.parametrize("model,flags", [
+    ("qwen3_moe/mf_qwen3_moe_model.safetensors", ["--target-tensor-parallel-size", "2",
+                                                   "--target-expert-parallel-size", "2"]),
+    ("qwen3_moe/mf_qwen3_moe_model.safetensors", ["--target-expert-parallel-size", "4",
+                                                   "--target-pipeline-parallel-size", "2"]),
+    ("deepseek_v3/mf_deepseek_v3_model.safetensors", ["--target-tensor-parallel-size", "2"]),
+])
+def test_moe_and_mla_models_from_rank_slices(model, flags, tmp_path):
+    """Stacked (transposed) experts, router buffers with a layout, MLA projections: cut into slices, read back."""
+    src = os.path.join(MOE, model)
+    run = tmp_path / "run"
+    cut_on_grid(src, run)
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    run_cli(["convert", "--load-dir", str(run), "--save-dir", str(out), "--quiet", *flags])
+    run_cli(["convert", "--load-dir", src, "--save-dir", str(ref), "--quiet", *flags])
+    assert_same_files(out, ref)
+
+
 # ---------------------------------------------------------------- blocks inside and across slices, memory
 
 

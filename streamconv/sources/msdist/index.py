@@ -26,6 +26,9 @@ from .composite import composite
 
 #: plan lists at most this many rank files one per line (then a count of the rest)
 MAX_LISTED_RANKS = 16
+#: EntryClass value of a set-aside entry -> its counter in Skipped
+_SKIPPED_FIELD = {EntryClass.OPTIMIZER.value: "optimizer", EntryClass.STEP.value: "steps",
+                  EntryClass.PLACEHOLDER.value: "placeholders", EntryClass.BUFFER.value: "buffers"}
 
 
 @dataclass
@@ -93,14 +96,20 @@ def index_distributed(load_dir: str, strategy_path: str | None, step: int | None
 
 
 def _count_skipped(ck: DistCheckpoint, skipped) -> None:
-    """Optimizer states and step entries as distinct names (as a merged checkpoint counts them)."""
-    skipped.optimizer += ck.skipped.get(EntryClass.OPTIMIZER.value, 0)
-    skipped.steps += ck.skipped.get(EntryClass.STEP.value, 0)
-    skipped.placeholders += ck.skipped.get(EntryClass.PLACEHOLDER.value, 0)
+    """Entries set aside, each distinct name once (as a merged checkpoint counts them)."""
+    names = dict.fromkeys(ck.strategy.names())
     for hdr in ck.headers.values():
+        names.update(dict.fromkeys(hdr.tensors))
         for name, info in hdr.tensors.items():
             if classify(name).kind is EntryClass.OPTIMIZER:
                 skipped.optimizer_bytes += info.nbytes
+    for name in names:
+        kind = classify(name).kind
+        if kind is EntryClass.ARTIFACT:
+            skipped.artifacts.append(name)
+        elif kind.value in _SKIPPED_FIELD:
+            attr = _SKIPPED_FIELD[kind.value]
+            setattr(skipped, attr, getattr(skipped, attr) + 1)
     if ck.no_layout:
         skipped.other.append((
             f"{len(ck.no_layout)} rank-file entries without a layout (not weights; MindSpore's merge puts them in "
