@@ -49,12 +49,16 @@ class ExpertOf:
 
 
 def _ref(x, rank: Rank) -> Ref:
-    """A rule's source as a Ref at ``rank``: a source tensor (stored whole or as per-rank slices) is all of it."""
+    """A rule's source as a Ref at ``rank``.
+
+    Rank-dependent references (:class:`ExpertRef`, :class:`ExpertOf`) resolve
+    with ``at(rank)``; anything else is a source tensor, stored whole
+    (``SourceTensor``) or as per-rank slices (``CompositeTensor``), seen whole.
+    """
     if isinstance(x, Ref):
         return x
-    if isinstance(x, ExpertRef):
-        return x.at(rank)
-    return Ref(x)
+    at = getattr(x, "at", None)
+    return at(rank) if at is not None else Ref(x)
 
 
 @dataclass(frozen=True)
