@@ -6,6 +6,9 @@ never held in memory, cached between runs) this measures:
 
 * ``cp -r INPUT`` (and the ``sync`` after it): the disk-speed baseline;
 * ``streamconv convert`` under several budgets and TP/PP settings;
+* the same 70B-shaped model as per-rank training output (TP 8 rank files and a
+  JSON strategy, written by scripts/synth_dist.py), converted with no merge
+  step, against ``cp -r`` of its rank files;
 
 reporting wall time, peak resident memory of the whole process tree as the
 kernel counts it (``wait4`` ru_maxrss, i.e. VmHWM, file-backed mapped pages
@@ -15,7 +18,7 @@ peak from ``streamconv plan``. Every conversion is then checked with
 cache is dropped (when allowed) and the disk is left to settle after ``sync``. Results go to stdout as a
 Markdown table and to ``WORK/results.json``.
 
-    python scripts/benchmark.py --work /data/bench            # the full set (about 45 GB of disk)
+    python scripts/benchmark.py --work /data/bench            # the full set (about 60 GB of disk)
     python scripts/benchmark.py --work /tmp/b --quick         # small shapes, a minute
 """
 
@@ -29,25 +32,39 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import synth  # noqa: E402
+import synth_dist  # noqa: E402
 
 GIB = 2**30
 
 
+@dataclass
+class DistInput:
+    """``spec`` cut into ``tp`` per-rank slices (training output layout) by scripts/synth_dist.py."""
+
+    spec: synth.ModelSpec
+    tp: int = 8
+
+
 def inputs(quick: bool) -> dict:
     if quick:
+        small = synth.ModelSpec(layers=2, hidden=2048, ffn=7168, heads=16, groups=2, vocab=32064, files=2)
         return {
-            "l70-shapes-small": synth.ModelSpec(layers=2, hidden=2048, ffn=7168, heads=16, groups=2, vocab=32064, files=2),
+            "l70-shapes-small": small,
+            "l70-shapes-small-tp8ranks": DistInput(small, 8),
             "mid-4L": synth.ModelSpec(layers=4, hidden=1024, ffn=2816, heads=8, groups=4, vocab=8000),
             "mid-16L": synth.ModelSpec(layers=16, hidden=1024, ffn=2816, heads=8, groups=4, vocab=8000),
         }
+    # Llama-3-70B layer shapes; 2 layers + embeddings + output = 15.3 GB of fp32
+    l70 = synth.ModelSpec(layers=2, hidden=8192, ffn=28672, heads=64, groups=8, vocab=128256, files=4)
     return {
-        # Llama-3-70B layer shapes; 2 layers + embeddings + output = 15.3 GB of fp32
-        "llama70b-2L": synth.ModelSpec(layers=2, hidden=8192, ffn=28672, heads=64, groups=8, vocab=128256, files=4),
+        "llama70b-2L": l70,
+        # the same model as a TP-8 training run leaves it: 8 rank files + strategy/, no merged copy
+        "llama70b-2L-tp8ranks": DistInput(l70, 8),
         "mid-4L": synth.ModelSpec(layers=4, hidden=4096, ffn=11008, heads=32, groups=8, vocab=32000, files=2),
         "mid-16L": synth.ModelSpec(layers=16, hidden=4096, ffn=11008, heads=32, groups=8, vocab=32000, files=4),
     }
@@ -64,20 +81,30 @@ def runs(quick: bool) -> list:
         (big, "TP1 PP1, --max-memory 1GiB", ["--max-memory", "1GiB"], heads),
         (big, "TP8 PP2, default budget", ["--target-tensor-parallel-size", "8" if not quick else "2",
                                            "--target-pipeline-parallel-size", "2"], heads),
+        (big + "-tp8ranks", "per-rank TP8 input, TP8 PP2, --max-memory 2GiB",
+         ["--target-tensor-parallel-size", "8" if not quick else "2", "--target-pipeline-parallel-size", "2",
+          "--max-memory", "2GiB"], heads),
         ("mid-4L", "TP2 PP1, default budget", ["--target-tensor-parallel-size", "2"], mid_heads),
         ("mid-16L", "TP2 PP1, default budget", ["--target-tensor-parallel-size", "2"], mid_heads),
     ]
 
 
-def ensure_input(work: str, name: str, spec: synth.ModelSpec) -> str:
+def ensure_input(work: str, name: str, spec) -> str:
+    """The input directory of ``spec`` (a ModelSpec, or a DistInput for per-rank output), generated once."""
     d = os.path.join(work, "inputs", name)
-    stamp = os.path.join(d, "synth_spec.json")
-    if os.path.exists(stamp) and json.load(open(stamp)) == json.loads(json.dumps(asdict(spec))):
+    if isinstance(spec, DistInput):
+        stamp, want = os.path.join(d, synth_dist.SPEC_FILE), {"spec": asdict(spec.spec), "tp": spec.tp}
+    else:
+        stamp, want = os.path.join(d, "synth_spec.json"), asdict(spec)
+    if os.path.exists(stamp) and json.load(open(stamp)) == json.loads(json.dumps(want)):
         return d
     if os.path.exists(d):
         shutil.rmtree(d)
     t = time.time()
-    synth.write_checkpoint(d, spec, quiet=False)
+    if isinstance(spec, DistInput):
+        synth_dist.write_distributed(d, spec.spec, spec.tp, quiet=False)
+    else:
+        synth.write_checkpoint(d, spec, quiet=False)
     print(f"# generated {name} in {time.time() - t:.0f} s", file=sys.stderr)
     return d
 

@@ -51,10 +51,15 @@ class _Parser(argparse.ArgumentParser):
 def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     g = p.add_argument_group("input and output")
     g.add_argument("--load-dir", required=True, help="MindSpore safetensors checkpoint (a file, a directory, an "
-                   "index/param_name_map.json, a unified directory or mindformers' iteration output) or a Hugging "
+                   "index/param_name_map.json, a unified directory or mindformers' iteration output), a Hugging "
                    "Face Llama/Qwen2/Qwen3 model directory (config.json + model.safetensors or shards with their "
-                   "index)")
+                   "index), or per-rank training output (rank_N/ files + strategy, read without merging)")
     g.add_argument("--save-dir", required=True, help="directory for the Megatron-LM checkpoint")
+    g.add_argument("--src-strategy-path", metavar="FILE_OR_DIR",
+                   help="per-rank input: the parallel strategy (strategy/ directory, or one merged strategy "
+                        "file, JSON or protobuf); default: strategy/ beside checkpoint/")
+    g.add_argument("--step", type=int, metavar="N",
+                   help="per-rank input: the checkpoint step to read (default: the newest every rank saved)")
     lay = p.add_argument_group("source layouts (mindformers' training options)")
     lay.add_argument("--fc1-layout", choices=FC1_LAYOUTS, default=None,
                      help="gated linear_fc1 row layout: 'interleaved' = use_interleaved_weight_layout_mlp: True "
@@ -278,7 +283,8 @@ def _main(argv: list) -> int:
     from .run.verify import verify
 
     base = ConvertOptions(load_dir=a.load_dir, fc1_layout=a.fc1_layout, qkv_layout=a.qkv_layout,
-                          max_memory=parse_size(a.max_memory) if a.max_memory else None)
+                          max_memory=parse_size(a.max_memory) if a.max_memory else None,
+                          src_strategy_path=a.src_strategy_path, step=a.step)
     report = verify(a.load_dir, a.save_dir, base)
     d = report.as_dict()
     d["peak_rss_bytes"] = peak_rss()

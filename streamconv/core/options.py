@@ -143,6 +143,9 @@ class ConvertOptions:
     decoder_last_pipeline_num_layers: int | None = None
     model_config: str | None = None  # --model-config: a config.json / mindformers YAML to take those values from
     provenance: dict = field(default_factory=dict)  # field -> where its value came from, if not a flag
+    # per-rank training output: MindSpore's src_strategy_path (file or directory) and the step to take
+    src_strategy_path: str | None = None
+    step: int | None = None
 
     def source_of(self, name: str, flag: str) -> str:
         """How to name the origin of option ``name`` in a message: its flag, or the config key it came from."""
@@ -160,6 +163,8 @@ class ConvertOptions:
             raise FlagError(f"--qkv-layout {self.qkv_layout!r}: choose grouped or contiguous")
         if self.make_vocab_size_divisible_by is None or self.make_vocab_size_divisible_by < 1:
             raise FlagError(f"--make-vocab-size-divisible-by {self.make_vocab_size_divisible_by}: must be a positive integer")
+        if self.step is not None and self.step < 0:
+            raise FlagError(f"--step {self.step}: must be a step number saved in the rank files (0 or more)")
         for flag, value in (("--target-tensor-parallel-size", self.target_tensor_parallel_size),
                             ("--target-pipeline-parallel-size", self.target_pipeline_parallel_size)):
             if value is None or value < 1:

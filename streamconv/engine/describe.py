@@ -12,6 +12,7 @@ def describe(plan) -> str:
     lines = [
         f"input    {src.load_path} ({src.layout}{', ' + names if names else ''}, {len(src.files)} file(s), "
         f"{len(src.tensors)} weights, {human(src.total_bytes)})",
+        *[f"{label:<8} {text}" for label, text in src.details],
         f"model    {c.num_layers} layers, hidden {c.hidden_size}, ffn {c.ffn_hidden_size}, heads {c.num_attention_heads}, "
         f"groups {c.num_query_groups}, head dim {c.kv_channels}, vocab {c.source_vocab} -> {c.padded_vocab_size}, "
         f"{c.normalization}, {'swiglu' if c.swiglu else 'gelu'}, "

@@ -3,9 +3,11 @@
 Peak resident memory of a conversion is the interpreter with its libraries (the
 *floor*, measured, not guessed) plus the stream's working set: one mapped source
 block, an aligned staging copy for misaligned tensors, and the output buffers in
-flight between the converter and the writer. Every one of them holds at most
-one *block* of ``block_bytes``, so the block size follows from the budget:
-``block = (budget - floor - margin) / BLOCKS_IN_FLIGHT``. The same formula gives
+flight between the converter and the writer. An input whose weights are
+assembled from per-rank slices adds one more: the assembly buffer a read that
+spans several slices is gathered into. Every one of them holds at most one
+*block* of ``block_bytes``, so the block size follows from the budget:
+``block = (budget - floor - margin) / blocks in flight``. The same formula gives
 the prediction ``streamconv plan`` prints and the smallest budget that works.
 """
 
@@ -20,6 +22,8 @@ from ..core.sizes import human
 OUTPUT_BUFFERS = 4
 #: + the mapped source block + the staging copy for misaligned tensors
 BLOCKS_IN_FLIGHT = OUTPUT_BUFFERS + 2
+#: per-rank input: + the buffer a block is assembled in from several slices (MappedFiles.scratch)
+ASSEMBLY_BUFFERS = 1
 #: threads, allocator slack, progress bar, plan objects
 MARGIN = 48 * 2**20
 #: the floor is measured anew by each process and varies by a fraction of a MiB
@@ -55,10 +59,21 @@ def default_budget(largest_layer_source_bytes: int) -> int:
     return int(1.25 * largest_layer_source_bytes) + DEFAULT_HEADROOM
 
 
-def plan_blocks(budget: int, floor: int, min_block: int, largest_tensor: int, explicit: bool) -> tuple:
-    """Return (block_bytes, predicted_peak) for ``budget``; refuse a budget below the floor."""
+def blocks_in_flight(assembled: bool = False) -> int:
+    """Block-sized buffers alive at once: one more when reads are assembled from slices."""
+    return BLOCKS_IN_FLIGHT + (ASSEMBLY_BUFFERS if assembled else 0)
+
+
+def plan_blocks(budget: int, floor: int, min_block: int, largest_tensor: int, explicit: bool,
+                assembled: bool = False) -> tuple:
+    """Return (block_bytes, predicted_peak) for ``budget``; refuse a budget below the floor.
+
+    ``assembled``: the input has weights stored as slices in several files
+    (per-rank output), whose reads need an assembly buffer.
+    """
+    n = blocks_in_flight(assembled)
     min_block = max(min_block, 64 * 1024)
-    smallest = floor + MARGIN + BLOCKS_IN_FLIGHT * min_block
+    smallest = floor + MARGIN + n * min_block
     if budget < smallest:
         if explicit:
             raise FlagError(
@@ -67,9 +82,9 @@ def plan_blocks(budget: int, floor: int, min_block: int, largest_tensor: int, ex
                 f"the smallest budget that works is {-(-(smallest + FLOOR_JITTER) // 2**20)}MiB"
             )
         budget = smallest
-    block = (budget - floor - MARGIN) // BLOCKS_IN_FLIGHT
+    block = (budget - floor - MARGIN) // n
     block = min(block, MAX_BLOCK, max(largest_tensor, min_block))
     block = max(block, min_block)
     block -= block % 4096 if block > 4096 else 0
-    predicted = floor + MARGIN + BLOCKS_IN_FLIGHT * block
+    predicted = floor + MARGIN + n * block
     return block, predicted

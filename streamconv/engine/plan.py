@@ -74,6 +74,8 @@ class Plan:
         """What must be equal for ``--resume`` to continue a run."""
         opts = self.options.fingerprint()
         opts["load_dir"] = os.path.abspath(self.options.load_dir)
+        if self.options.src_strategy_path is not None:
+            opts["src_strategy_path"] = os.path.abspath(self.options.src_strategy_path)
         return {"options": opts, "input": self.input_fp,
                 "files": {f.relpath: f.size for f in self.files}}
 
@@ -105,7 +107,7 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     """
     _resolve_vocab_file(o)
     fmt = get_format(o.ckpt_format)
-    index = index_checkpoint(o.load_dir)
+    index = index_checkpoint(o.load_dir, o.src_strategy_path, o.step)
     config_file = find_config(o.load_dir, o.model_config)
     input_notes = []
     if index.scheme.needs_model_config:  # Hugging Face names: the architecture and dimensions from config.json
@@ -153,7 +155,7 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     floor = memory.floor_bytes() if floor is None else floor
     explicit = o.max_memory is not None
     budget = o.max_memory if explicit else memory.default_budget(largest_layer)
-    block, predicted = memory.plan_blocks(budget, floor, max_row, largest_tensor, explicit)
+    block, predicted = memory.plan_blocks(budget, floor, max_row, largest_tensor, explicit, index.assembled)
     notes = []
     notes += input_notes
     notes += scheme.notes(cfg, o)

@@ -173,7 +173,7 @@ class Streamer:
             self._begin(g)
         a = p0.start
         while a < p0.stop:
-            b = min(p0.stop, a + rows_per_block)
+            b = src.block_end(a, min(p0.stop, a + rows_per_block))
             if b < p0.stop:
                 self._prefetch(src, b, min(p0.stop, b + rows_per_block))
             self._populate(src, a, b)
@@ -229,6 +229,8 @@ class Streamer:
         i = 0
         while i < total:
             j = min(total, i + per)
+            if step == 1:  # end the block where the source's storage does (a slice edge), so reads stay views
+                j = src.block_end(p.start + i, p.start + j) - p.start
             start = p.start + i * step
             stop = p.start + (j - 1) * step + 1
             if j < total:
@@ -268,7 +270,7 @@ class Streamer:
             out = buf[:n].view(_TORCH_DTYPES[out_dtype]).view(k - j, out_cols)
             a = p.start
             while a < p.stop:
-                b = min(p.stop, a + per_src)
+                b = src.block_end(a, min(p.stop, a + per_src))
                 self._populate(src, a, b)
                 view = src.read(self.files, a, b, 1, p.col0 + j, p.col0 + k, self.staging)
                 self._convert(view, src.dtype, buf, out_dtype, transpose=True,

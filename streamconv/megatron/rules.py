@@ -49,9 +49,16 @@ class ExpertOf:
 
 
 def _ref(x, rank: Rank) -> Ref:
-    if isinstance(x, SourceTensor):
-        return Ref(x)
-    return x if isinstance(x, Ref) else x.at(rank)
+    """A rule's source as a Ref at ``rank``.
+
+    Rank-dependent references (:class:`ExpertRef`, :class:`ExpertOf`) resolve
+    with ``at(rank)``; anything else is a source tensor, stored whole
+    (``SourceTensor``) or as per-rank slices (``CompositeTensor``), seen whole.
+    """
+    if isinstance(x, Ref):
+        return x
+    at = getattr(x, "at", None)
+    return at(rank) if at is not None else Ref(x)
 
 
 @dataclass(frozen=True)

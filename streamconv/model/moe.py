@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..core.errors import FlagError, InputError
+from ..sources.tensor import SourceTensor
 from .config import ExpertStorage, MlpConfig, MlpKind, MoeConfig
 from .tensors import LayerTensors, check_flag
 
@@ -92,6 +93,12 @@ def reshaped_weight1(src, cfg: MoeConfig, h: int):
     """``weight1`` seen as [E*H, 2F] (mindformers 1.6 declared the same bytes [H, E*2F])."""
     if not cfg.reshaped:
         return src
+    if not isinstance(src, SourceTensor):  # per-rank slices are boxes of [H, E*2F]; no one file's bytes to re-view
+        raise InputError(
+            f"{src.path}: {src.name} is declared [H, E*2F] (mindformers 1.6's experts) and stored as per-rank "
+            "slices, which streamconv cannot read as [E*H, 2F]; merge the checkpoint first (MindSpore's "
+            "unified_safetensors) and convert the merged directory"
+        )
     info = replace(src.info, shape=(cfg.num_experts * h, 2 * cfg.ffn))
     return replace(src, info=info)
 

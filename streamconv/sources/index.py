@@ -6,14 +6,18 @@ validates each header (:mod:`.header`), and asks the naming schemes
 :class:`~.tensor.SourceTensor` s under their canonical names; optimizer states,
 step counters and placeholders are skipped and counted; anything else is
 refused, because guessing would risk a silently wrong model.
+
+Per-rank training output is indexed by :mod:`.msdist.index` into
+:class:`~.msdist.composite.CompositeTensor` s (each weight read from the slices
+that tile it); everything after the index treats both alike.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from ..core.errors import InputError
+from ..core.errors import FlagError, InputError
 from .header import read_header
 from .locate import locate
 from .schemes import SCHEMES, EntryClass, classify, refusal
@@ -28,6 +32,8 @@ class SourceIndex:
     tensors: dict  # canonical name -> SourceTensor
     skipped: Skipped
     schemes: tuple = ()  # the InputSchemes whose names occur, in registry order
+    strategy_files: list = field(default_factory=list)  # per-rank input: the parallel strategy files read
+    details: list = field(default_factory=list)  # (label, text) lines plan prints about the input
 
     @property
     def scheme(self):
@@ -42,19 +48,44 @@ class SourceIndex:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    @property
+    def assembled(self) -> bool:
+        """Some weight is assembled from several slices, so a read may need an assembly buffer."""
+        return any(len(getattr(t, "slices", ())) > 1 for t in self.tensors.values())
+
     def fingerprint(self) -> list:
-        """What identifies this input for ``--resume``: files with size and mtime."""
+        """What identifies this input for ``--resume``: files (every rank file, the strategy) with size and mtime."""
         out = []
-        for p in self.files:
+        for p in list(self.files) + list(self.strategy_files):
             st = os.stat(p)
             out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
         return out
 
 
-def index_checkpoint(load_path: str) -> SourceIndex:
-    """Read every header of the checkpoint at ``load_path`` and classify its tensors."""
+def index_checkpoint(load_path: str, strategy_path: str | None = None, step: int | None = None) -> SourceIndex:
+    """Read every header of the checkpoint at ``load_path`` and classify its tensors.
+
+    ``strategy_path`` and ``step`` (``--src-strategy-path``, ``--step``) apply to
+    per-rank training output only.
+    """
     skipped = Skipped()
     found = locate(load_path, skipped)
+    if found.per_rank is not None:
+        from .msdist.index import index_distributed  # imports protobuf
+
+        d = index_distributed(found.per_rank, strategy_path, step, skipped)
+        tensors, schemes = settle_schemes(load_path, d.tensors, d.schemes)
+        return SourceIndex(load_path, d.layout, d.files, tensors, skipped, schemes, d.strategy_files, d.details)
+    if strategy_path is not None:
+        raise FlagError(
+            f"--src-strategy-path {strategy_path}: only per-rank training output (rank_N/..._rank_N-E_S.safetensors) "
+            f"has a parallel strategy, and {load_path} is a merged checkpoint ({found.layout}); drop the flag"
+        )
+    if step is not None:
+        raise FlagError(
+            f"--step {step}: chooses among the steps saved in per-rank training output, and {load_path} is a "
+            f"merged checkpoint ({found.layout}); drop the flag"
+        )
     weight_map = found.weight_map
     tensors: dict = {}
     raw_seen: dict = {}
@@ -122,6 +153,12 @@ def index_checkpoint(load_path: str) -> SourceIndex:
         )
     if not tensors:
         raise InputError(f"{load_path}: holds no model weights (only optimizer or step entries)")
+    tensors, schemes = settle_schemes(load_path, tensors, used)
+    return SourceIndex(load_path, found.layout, found.files, tensors, skipped, schemes)
+
+
+def settle_schemes(load_path: str, tensors: dict, used: set) -> tuple:
+    """(tensors, schemes): the schemes whose names occur, checked to go together; shared names given the scheme."""
     schemes = tuple(s for s in SCHEMES if s.name in used)
     alone = next((s for s in schemes if s.exclusive), None)
     if alone is not None and len(schemes) > 1:
@@ -131,4 +168,4 @@ def index_checkpoint(load_path: str) -> SourceIndex:
         )
     if schemes:  # a name several schemes share (lm_head.weight) belongs to the checkpoint's scheme
         tensors = {k: t if t.scheme in used else replace(t, scheme=schemes[0].name) for k, t in tensors.items()}
-    return SourceIndex(load_path, found.layout, found.files, tensors, skipped, schemes)
+    return tensors, schemes

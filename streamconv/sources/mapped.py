@@ -46,6 +46,20 @@ class MappedFiles:
     def __init__(self):
         self._maps: dict = {}
         self._populate_ok = True
+        self._scratch = None
+
+    def scratch(self, nbytes: int) -> np.ndarray:
+        """A reusable uint8 buffer of at least ``nbytes``, for reads that gather rows from several files.
+
+        A tensor stored as slices in several files (per-rank training output) is
+        assembled here, one stream block at a time; keeping one buffer avoids
+        mapping and faulting in fresh memory for every block. It is allocated on
+        first use only, so inputs stored whole never pay for it.
+        """
+        if self._scratch is None or self._scratch.nbytes < nbytes:
+            self._scratch = None
+            self._scratch = np.empty(nbytes, dtype=np.uint8)
+        return self._scratch
 
     def get(self, path: str) -> mmap.mmap:
         m = self._maps.get(path)
@@ -80,6 +94,7 @@ class MappedFiles:
         advise(self.get(path), mmap.MADV_WILLNEED, start, stop)
 
     def close(self) -> None:
+        self._scratch = None
         for m in self._maps.values():
             if m is not None:
                 m.close()

@@ -10,8 +10,10 @@ It is also how the stream reads: :meth:`SourceTensor.read` returns a block of
 rows and :meth:`SourceTensor.spans` the file byte ranges behind them (to
 populate, prefetch and release pages). A tensor stored differently — cut into
 slices over several files, as per-rank training output is — is another class
-with the same five members (``shape``, ``dtype``, ``itemsize``, ``read``,
-``spans``), and nothing downstream changes.
+with the same members (``shape``, ``dtype``, ``itemsize``, ``read``,
+``spans``, ``block_end``), and nothing downstream changes. ``block_end`` lets
+such a tensor end a stream block at a storage boundary, so that a block is read
+from one slice (a view) rather than assembled from two.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class SourceTensor:
 
         return [(self.path, *byte_span(self.info, start, stop))]
 
+    def block_end(self, start: int, stop: int) -> int:
+        """Where a block of rows from ``start`` should end, at most ``stop``: here, ``stop`` (one file holds all)."""
+        return stop
+
     def read(self, files, start: int, stop: int, step: int = 1, col0: int = 0, col1=None, staging=None):
         """Rows ``start:stop:step``, columns ``col0:col1`` as a 2-D numpy array (a view where possible)."""
         from .mapped import read_rows
@@ -69,6 +75,7 @@ class Skipped:
     buffers: int = 0
     artifacts: list = field(default_factory=list)  # names
     files: list = field(default_factory=list)  # (path, reason)
+    other: list = field(default_factory=list)  # (what, [names]): other entries set aside, named in the notes
 
     def lines(self) -> list:
         out = []
@@ -88,4 +95,7 @@ class Skipped:
             out.append(f"skipped {name}: no model has it (mindformers' convert_weight writes it by mistake)")
         for path, reason in self.files:
             out.append(f"skipped file {path}: {reason}")
+        for what, names in self.other:
+            shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+            out.append(f"skipped {what}: {shown}")
         return out
