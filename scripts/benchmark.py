@@ -64,6 +64,9 @@ def runs(quick: bool) -> list:
         (big, "TP1 PP1, --max-memory 1GiB", ["--max-memory", "1GiB"], heads),
         (big, "TP8 PP2, default budget", ["--target-tensor-parallel-size", "8" if not quick else "2",
                                            "--target-pipeline-parallel-size", "2"], heads),
+        (big, "torch_dist TP8 PP2, --max-memory 2GiB", ["--ckpt-format", "torch_dist", "--target-tensor-parallel-size",
+                                                        "8" if not quick else "2", "--target-pipeline-parallel-size",
+                                                        "2", "--max-memory", "2GiB"], heads),
         ("mid-4L", "TP2 PP1, default budget", ["--target-tensor-parallel-size", "2"], mid_heads),
         ("mid-16L", "TP2 PP1, default budget", ["--target-tensor-parallel-size", "2"], mid_heads),
     ]
