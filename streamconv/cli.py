@@ -54,12 +54,17 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
                    "index/param_name_map.json, a unified directory or mindformers' iteration output")
     g.add_argument("--save-dir", required=True, help="directory for the Megatron-LM checkpoint")
     lay = p.add_argument_group("source layouts (mindformers' training options)")
-    lay.add_argument("--fc1-layout", choices=FC1_LAYOUTS, default="interleaved",
+    lay.add_argument("--fc1-layout", choices=FC1_LAYOUTS, default=None,
                      help="gated linear_fc1 row layout: 'interleaved' = use_interleaved_weight_layout_mlp: True "
-                          "(mindformers default), 'concat' = [gate; up]")
-    lay.add_argument("--qkv-layout", choices=QKV_LAYOUTS, default="grouped",
+                          "(mindformers default), 'concat' = [gate; up]. Default: from a mindformers YAML beside "
+                          "the input, else interleaved")
+    lay.add_argument("--qkv-layout", choices=QKV_LAYOUTS, default=None,
                      help="linear_qkv row layout: 'grouped' = per query group [q;k;v] (mindformers default "
-                          "use_contiguous_weight_layout_attention: False), 'contiguous' = [all Q; all K; all V]")
+                          "use_contiguous_weight_layout_attention: False), 'contiguous' = [all Q; all K; all V]. "
+                          "Default: from a mindformers YAML beside the input, else grouped")
+    lay.add_argument("--model-config", metavar="FILE",
+                     help="Hugging Face config.json or mindformers YAML to take the values the weights cannot "
+                          "tell from (default: a config.json, or the only *.yaml, beside the input)")
     if verify:
         return
     o = p.add_argument_group("official convert.py flags")
@@ -68,7 +73,10 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     o.add_argument("--saver", default="core", help="must be core (or mcore): Megatron-LM core legacy checkpoint")
     o.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP")
     o.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP")
-    o.add_argument("--target-expert-parallel-size", type=int, default=1, help="must be 1 (dense models)")
+    o.add_argument("--target-expert-parallel-size", type=int, default=1, metavar="EP",
+                   help="expert parallel size of the output (MoE models; default 1)")
+    o.add_argument("--target-expert-tensor-parallel-size", type=int, default=None, metavar="ETP",
+                   help="tensor parallel size inside each expert (default: TP, Megatron's default)")
     o.add_argument("--saver-transformer-impl", choices=TRANSFORMER_IMPLS, default="transformer_engine",
                    help="key names of the output (official default: transformer_engine)")
     o.add_argument("--ckpt-format", choices=CkptFormat.values(), default=CkptFormat.TORCH.value,
@@ -86,7 +94,8 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
                    "--true-vocab-size is given (then it is recomputed)")
     o.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     o.add_argument("--num-layers", type=int)
-    o.add_argument("--seq-length", type=int, default=2048, help="sequence length stored in args (default 2048)")
+    o.add_argument("--seq-length", type=int, default=None,
+                   help="sequence length stored in args (default: from a mindformers YAML, else 2048)")
     o.add_argument("--max-position-embeddings", type=int,
                    help="default: 2048, or --seq-length when that is larger")
     o.add_argument("--hidden-size", type=int)
@@ -103,9 +112,43 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     o.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="accepted; inferred from the presence of output_layer.weight")
     o.add_argument("--tokenizer-type", default="HuggingFaceTokenizer")
+    o.add_argument("--decoder-first-pipeline-num-layers", type=int, metavar="N",
+                   help="layers of the first pipeline stage when PP does not divide the layers evenly")
+    o.add_argument("--decoder-last-pipeline-num-layers", type=int, metavar="N",
+                   help="layers of the last pipeline stage (Megatron's uneven pipeline split)")
+    m = p.add_argument_group("mixture of experts and multi-latent attention (Megatron's flag names; the shapes "
+                             "decide the sizes, a given value must agree with them)")
+    m.add_argument("--num-experts", type=int)
+    m.add_argument("--moe-ffn-hidden-size", type=int)
+    m.add_argument("--moe-shared-expert-intermediate-size", type=int)
+    m.add_argument("--moe-layer-freq", type=_layer_freq, metavar="FREQ",
+                   help="1, N, or a list such as '[0]*3+[1]*58' (which layers have experts)")
+    m.add_argument("--moe-router-enable-expert-bias", action="store_true")
+    m.add_argument("--multi-latent-attention", action="store_true", help="accepted; inferred from the shapes")
+    m.add_argument("--q-lora-rank", type=int)
+    m.add_argument("--kv-lora-rank", type=int)
+    m.add_argument("--qk-head-dim", type=int)
+    m.add_argument("--qk-pos-emb-head-dim", type=int)
+    m.add_argument("--v-head-dim", type=int)
+    m.add_argument("--mtp-num-layers", type=int)
+    m.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="write experts as TEGroupedMLP (mlp.experts.linear_fc1.weight<i>; transformer_engine only)")
+    r = p.add_argument_group("MoE routing and rope scaling: stored in args, not in the weights (default: from the "
+                             "model config, else Megatron's default)")
+    r.add_argument("--moe-router-topk", type=int)
+    r.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"])
+    r.add_argument("--moe-router-topk-scaling-factor", type=float)
+    r.add_argument("--moe-router-num-groups", type=int)
+    r.add_argument("--moe-router-group-topk", type=int)
+    r.add_argument("--moe-router-pre-softmax", action="store_true", default=None)
+    r.add_argument("--rotary-scaling-factor", type=float, help="yarn rope scaling factor (MLA)")
+    r.add_argument("--mscale", type=float)
+    r.add_argument("--mscale-all-dim", type=float)
     a = p.add_argument_group("values stored in args that the weights cannot tell (Megatron's flag names; "
                              "defaults are what the official pipeline writes)")
-    a.add_argument("--rotary-base", type=int, default=10000, help="rope base (Llama 3: 500000, Qwen3: 1000000)")
+    a.add_argument("--rotary-base", type=int, default=None,
+                   help="rope base (Llama 3: 500000, Qwen3: 1000000); default: from the model config, else 10000")
+    a.add_argument("--norm-epsilon", type=float, help="default: from the model config, else Megatron's 1e-5")
     a.add_argument("--rotary-percent", type=float, default=1.0)
     a.add_argument("--rotary-interleaved", action="store_true")
     a.add_argument("--attention-dropout", type=float, default=0.1)
@@ -151,6 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quiet", action="store_true")
     v.add_argument("--debug", action="store_true")
     return p
+
+
+def _layer_freq(text: str):
+    """Megatron's --moe-layer-freq: an int, or a list written as a Python expression of lists ('[0]*3+[1]*5')."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    out = []
+    for term in text.replace(" ", "").split("+"):
+        body, times = (term.rsplit("*", 1) + ["1"])[:2] if "]*" in term else (term, "1")
+        if not (body.startswith("[") and body.endswith("]") and times.isdigit()):
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int or a list like [0]*3+[1]*5")
+        items = [x for x in body[1:-1].split(",") if x]
+        if not all(x in ("0", "1") for x in items):
+            raise argparse.ArgumentTypeError(f"{text!r}: list entries must be 0 or 1")
+        out += [int(x) for x in items] * int(times)
+    return out
 
 
 def options_from_args(a: argparse.Namespace) -> ConvertOptions:

@@ -44,6 +44,18 @@ class ExpertRef:
 
 
 @dataclass(frozen=True)
+class ExpertOf:
+    """Local expert ``local`` among per-expert tensors ``choices`` (one per global expert, Hugging Face style)."""
+
+    choices: tuple
+    local: int
+
+    def at(self, rank: Rank) -> Ref:
+        e, n = rank.of(Axis.EP)
+        return Ref(self.choices[e * (len(self.choices) // n) + self.local])
+
+
+@dataclass(frozen=True)
 class Placement:
     """Rows ``[start, stop)`` of a rank's tensor, as a block of the whole parameter.
 
@@ -61,7 +73,7 @@ class Placement:
 
 
 def _is_expert(axis, *srcs) -> bool:
-    return axis in (Axis.EP, Axis.ETP) or any(isinstance(s, ExpertRef) for s in srcs)
+    return axis in (Axis.EP, Axis.ETP) or any(isinstance(s, (ExpertRef, ExpertOf)) for s in srcs)
 
 
 def _ref(x, rank: Rank) -> Ref:

@@ -84,6 +84,12 @@ def index_checkpoint(load_path: str) -> SourceIndex:
             if cls.kind is EntryClass.PLACEHOLDER:
                 skipped.placeholders += 1
                 continue
+            if cls.kind is EntryClass.BUFFER:
+                skipped.buffers += 1
+                continue
+            if cls.kind is EntryClass.ARTIFACT:
+                skipped.artifacts.append(name)
+                continue
             if cls.kind is EntryClass.UNKNOWN:
                 unknown.append((name, path))
                 continue

@@ -66,6 +66,8 @@ class Skipped:
     optimizer_bytes: int = 0
     steps: int = 0
     placeholders: int = 0
+    buffers: int = 0
+    artifacts: list = field(default_factory=list)  # names
     files: list = field(default_factory=list)  # (path, reason)
 
     def lines(self) -> list:
@@ -79,6 +81,11 @@ class Skipped:
             out.append(f"skipped {self.steps} step/loss-scale entries (global_step, learning_rate, ...)")
         if self.placeholders:
             out.append(f"skipped {self.placeholders} dropout placeholder entries (no weights)")
+        if self.buffers:
+            out.append(f"skipped {self.buffers} MoE router runtime buffers (expert_load / fi_accu: statistics, "
+                       "not weights)")
+        for name in self.artifacts:
+            out.append(f"skipped {name}: no model has it (mindformers' convert_weight writes it by mistake)")
         for path, reason in self.files:
             out.append(f"skipped file {path}: {reason}")
         return out

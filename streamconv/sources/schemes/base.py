@@ -35,7 +35,15 @@ class EntryClass(Enum):
     OPTIMIZER = "optimizer"
     STEP = "step"
     PLACEHOLDER = "placeholder"  # dropout entries: no weights
+    BUFFER = "buffer"  # runtime counters saved beside the weights (MoE router load statistics)
+    ARTIFACT = "artifact"  # tensors a converter writes that no model has
     UNKNOWN = "unknown"
+
+
+#: MoE routers' runtime statistics (FORMAT.md §6): zeros or counts, never weights
+BUFFER_SUFFIXES = (".router.expert_load", ".router.fi_accu")
+#: mindformers' convert_weight writes this when a model has *no* MTP layer (an inverted condition)
+ARTIFACTS = frozenset({"mtp.output_layer.weight"})
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,10 @@ def non_weight_class(name: str) -> EntryClass | None:
         return EntryClass.STEP
     if "dropout" in name:
         return EntryClass.PLACEHOLDER
+    if name.endswith(BUFFER_SUFFIXES):
+        return EntryClass.BUFFER
+    if name in ARTIFACTS:
+        return EntryClass.ARTIFACT
     return None
 
 

@@ -13,11 +13,18 @@ from ...core.options import Fc1Layout, QkvLayout
 
 
 def layout_notes(config, options) -> list:
-    """``config``: the resolved model (read for ``swiglu`` and the legacy split flags)."""
+    """``config``: the resolved model (read for its fused tensors: gated fc1s, linear_qkv)."""
     notes = []
     dense = config.dense_mlp
+    shared = config.moe.shared if config.moe is not None else None
     att = config.attention
-    if dense is not None and dense.gated and not dense.split:
+    fused_fc1 = (dense is not None and dense.gated and not dense.split) or (shared is not None and not shared.split)
+    origin = options.provenance.get("fc1_layout")
+    if fused_fc1 and origin not in (None, "default"):
+        rows = "interleaved rows gate_0, up_0, ... are de-interleaved" if options.fc1_layout == Fc1Layout.INTERLEAVED \
+            else "[gate; up], copied as is"
+        notes.append(f"fc1 layout '{options.fc1_layout}' from {origin}: linear_fc1 {rows}")
+    elif fused_fc1:
         if options.fc1_layout == Fc1Layout.INTERLEAVED:
             notes.append(
                 "ASSUMED fc1 layout 'interleaved' (mindformers default use_interleaved_weight_layout_mlp: True): "
@@ -26,7 +33,11 @@ def layout_notes(config, options) -> list:
             )
         else:
             notes.append("fc1 layout 'concat' (--fc1-layout concat): linear_fc1 is [gate; up], copied as is")
-    if not att.split:
+    standard = att.kind.value == "standard"
+    origin = options.provenance.get("qkv_layout")
+    if standard and not att.split and origin not in (None, "default"):
+        notes.append(f"qkv layout '{options.qkv_layout}' from {origin}")
+    elif standard and not att.split:
         if options.qkv_layout == QkvLayout.GROUPED:
             notes.append(
                 "ASSUMED qkv layout 'grouped' (mindformers default use_contiguous_weight_layout_attention: False): "
@@ -35,7 +46,7 @@ def layout_notes(config, options) -> list:
             )
         else:
             notes.append("qkv layout 'contiguous' (--qkv-layout contiguous): linear_qkv [all Q; all K; all V] is regrouped per query group")
-    if att.split:
+    if standard and att.split:
         notes.append("legacy separate wq/wk/wv are fused into Megatron's per-group linear_qkv")
     if dense is not None and dense.split:
         notes.append("legacy separate w1 (gate) / w3 (up) are fused into linear_fc1 = [gate; up]")
