@@ -159,3 +159,27 @@ def test_unique_key_format():
     assert sharded_object_key("a.b_c._extra_state", (2, 0), (4, 1)) == "a.b_c._extra_state/shard_2.0_4.1"
     e = resolve(fixed_bytes("decoder.layers.0.x._extra_state", b"ab"), at(0))
     assert e.kind is EntryKind.BYTES and e.dtype is OutDtype.UINT8
+
+
+def test_mtp_layer_keys_and_the_mtp_stage_embedding():
+    """MultiTokenPredictionBlock: layers keyed by their global index, never stacked; the MTP stage's own
+    embedding copy is a replica (tie_word_embeddings_state_dict, replica id (1, 0, dp))."""
+    a = args(num_experts=4, moe_layer_freq=1, multi_latent_attention=True)
+    last = at(0, TP=1, pp=1)
+    w = tensor("mtp.layers.0.transformer_layer.input_layernorm.weight", R.Whole(NORM), 1)
+    assert items(w, last, a) == [ShardedChunk("mtp.layers.0.transformer_layer.input_layernorm.weight",
+                                              (H,), (0,), (H,), 0, H)]
+    x = none("mtp.layers.0.transformer_layer.mlp.experts.local_experts.1.linear_fc2._extra_state")
+    assert items(x, at(0, TP=1, ep=1, EP=2, pp=1), a)[0].unique_key == \
+        "mtp.layers.0.transformer_layer.mlp.experts.experts.linear_fc2._extra_state/shard_3_4"
+    eh = tensor("mtp.layers.0.eh_proj.weight", R.Chunk(src("eh", 8, 2 * H)), 2)
+    assert items(eh, at(1, TP=2, pp=1), a) == [ShardedChunk("mtp.layers.0.eh_proj.weight", (8, 2 * H), (4, 0),
+                                                            (4, 2 * H), 0, 4)]
+    assert items(fixed_bytes("mtp.layers.0.enorm._extra_state", b""), last, a)[0].unique_key == \
+        "mtp.layers.0.enorm._extra_state/shard_0_1"
+    emb = tensor("embedding.word_embeddings.weight", R.VocabChunk(EMB, 12), 2)
+    assert items(emb, at(0, TP=1, pp=1), a) == []
+    assert items(emb, at(0, TP=1, pp=0), a) != []
+    # the local keys map applies to the MTP transformer layer as to the decoder's (standard attention)
+    w = tensor("mtp.layers.0.transformer_layer.pre_mlp_layernorm.weight", R.Whole(NORM), 1)
+    assert items(w, last, args(num_experts=4))[0].key == "mtp.layers.0.transformer_layer.mlp.linear_fc1.layer_norm_weight"

@@ -341,40 +341,207 @@ def test_te_names_carry_te_extra_state(sources, tmp_path):
     assert not any("core_attention" in k for k in objects)
 
 
-def test_megatron_truth_keys_and_chunks(sources, tmp_path):
-    """Keys, global shapes and chunk grid as real Megatron r0.12 saved them (tests/data/megatron_truth).
+TRUTH = os.path.join(os.path.dirname(__file__), "data", "megatron_truth")
+MOE = os.path.join(os.path.dirname(__file__), "data", "fixtures", "mindformers_moe")
 
-    The dump is Megatron's own torch_dist save of a Qwen2-like model at TP2 PP2 (local spec): ours must
-    have the same tensor keys, global shapes, chunk offsets/sizes and object keys (its rerun/rng objects
-    aside). Skipped when the dump is not in the tree.
+
+def _truth_source(case: str, d: str) -> list:
+    """Write the model of Megatron truth dump ``case`` (its sizes; values are irrelevant here); return the
+    conversion flags that say what the dump's Megatron command line says."""
+    from safetensors.numpy import load_file, save_file
+
+    if case.startswith("dense_"):
+        spec = synth.ModelSpec(layers=4 if "qwen2" in case else 2, hidden=32, ffn=48, heads=4, groups=2, head_dim=8,
+                               vocab=128, qkv_bias="qwen2" in case, qk_layernorm="qkln" in case, seed=3)
+        synth.write_checkpoint(d, spec)
+        return ["--load-dir", d, "--num-attention-heads", "4", "--num-query-groups", "2", "--kv-channels", "8",
+                "--true-vocab-size", "128"]
+    model = "qwen3_moe" if case.startswith("qwen3") else "deepseek_v3"
+    mf = load_file(os.path.join(MOE, model, f"mf_{model}_model.safetensors"))
+    cfg = json.load(open(os.path.join(MOE, model, "hf", "config.json")))
+    rng = np.random.default_rng(0)
+    if model == "deepseek_v3":  # the dumps use 4 layers (an even PP 2 split): layer 3 shaped like layer 1
+        mf.update({k.replace("decoder.layers.1.", "decoder.layers.3."): v for k, v in mf.items()
+                   if k.startswith("decoder.layers.1.")})
+        cfg["num_hidden_layers"] = 4
+        if "noqlora" in case:
+            for i in range(4):
+                p = f"decoder.layers.{i}.self_attention."
+                for k in ("linear_q_down_proj.weight", "linear_q_up_proj.weight", "q_layernorm.weight"):
+                    del mf[p + k]
+                mf[p + "linear_q_proj.weight"] = rng.standard_normal((4 * 12, 32)).astype(np.float32)
+            cfg["q_lora_rank"] = None
+    if "list_freq" in case:  # layer 0 dense
+        for k in [k for k in mf if k.startswith("decoder.layers.0.mlp.")]:
+            del mf[k]
+        ffn = cfg["intermediate_size"]
+        mf["decoder.layers.0.mlp.linear_fc1.weight"] = rng.standard_normal((2 * ffn, 32)).astype(np.float32)
+        mf["decoder.layers.0.mlp.linear_fc2.weight"] = rng.standard_normal((32, ffn)).astype(np.float32)
+        cfg["mlp_only_layers"] = [0]
+    os.makedirs(d, exist_ok=True)
+    save_file(mf, os.path.join(d, "model.safetensors"), metadata={"format": "ms"})
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    return ["--load-dir", os.path.join(d, "model.safetensors"), "--model-config", os.path.join(d, "config.json"),
+            "--true-vocab-size", "64"]
+
+
+def _truth_cases():
+    return sorted(n[:-5] for n in os.listdir(TRUTH) if n.endswith(".json") and not n.startswith("te_spec")) \
+        if os.path.isdir(TRUTH) else ["none"]
+
+
+@pytest.mark.parametrize("case", _truth_cases())
+def test_same_shards_as_megatron_saves(case, tmp_path):
+    """Keys, global shapes, chunk offsets/sizes and object keys equal the main replicas real Megatron r0.12
+    saved for the same model and layout (tests/data/megatron_truth, made by scripts/megatron_truth.py).
+
+    Megatron's RNG and rerun-state objects aside (a conversion has neither), and our
+    ``decoder.final_layernorm._extra_state`` (Megatron has it wherever TE is installed; the dumps ran without).
     """
-    truth = os.path.join(os.path.dirname(__file__), "data", "megatron_truth", "dense_qwen2_tp2_pp2.json")
-    if not os.path.exists(truth):
-        pytest.skip("no Megatron truth dump in tests/data/megatron_truth")
-    t = json.load(open(truth))
-    want = t["written"]["torch_dist"]["metadata"]["items"]
-    spec = synth.ModelSpec(layers=4, hidden=32, ffn=48, heads=4, groups=2, head_dim=8, vocab=128, qkv_bias=True, seed=3)
-    src = str(tmp_path / "src")
-    synth.write_checkpoint(src, spec)
-    out = str(tmp_path / "out")
-    convert(["--load-dir", src, "--save-dir", out, "--target-tensor-parallel-size", "2",
-             "--target-pipeline-parallel-size", "2", "--saver-transformer-impl", "local", "--num-attention-heads", "4",
-             "--num-query-groups", "2", "--kv-channels", "8", "--true-vocab-size", "128", "--ckpt-format", "torch_dist"])
-    md = FileSystemReader(os.path.join(out, ITER)).read_metadata()
-    ours = {}
+    path = os.path.join(TRUTH, case + ".json")
+    if not os.path.exists(path):
+        pytest.skip("no Megatron truth dumps in tests/data/megatron_truth")
+    t = json.load(open(path))
+    argv = t["megatron_argv"].split()
+
+    def flag(name, default=None):
+        return argv[argv.index(name) + 1] if name in argv else default
+
+    flags = _truth_source(case, str(tmp_path / "src"))
+    flags += ["--save-dir", str(tmp_path / "out"), "--saver-transformer-impl", flag("--transformer-impl"),
+              "--ckpt-format", "torch_dist", "--target-tensor-parallel-size", flag("--tensor-model-parallel-size", "1"),
+              "--target-pipeline-parallel-size", flag("--pipeline-model-parallel-size", "1")]
+    if "--expert-model-parallel-size" in argv:
+        flags += ["--target-expert-parallel-size", flag("--expert-model-parallel-size")]
+    if "--expert-tensor-parallel-size" in argv:
+        flags += ["--target-expert-tensor-parallel-size", flag("--expert-tensor-parallel-size")]
+    convert(flags)
+    want_t, want_o = {}, set()
+    for r in t["ranks"]:
+        for x in r["dist"]["tensors"]:
+            if x["main"]:
+                assert x["flattened_range"] is None
+                chunk = (tuple(x["global_offset"]), (1,) * x["prepend_axis_num"] + tuple(x["local_shape"]))
+                shape, chunks = want_t.setdefault(x["key"], (tuple(x["global_shape"]), set()))
+                assert shape == tuple(x["global_shape"]) and chunk not in chunks
+                chunks.add(chunk)
+        want_o |= {x["unique_key"] for x in r["dist"]["objects"] if x["main"]}
+    want_o = {k for k in want_o if not k.startswith(("rng_state/", "rerun_state_machine_state/"))}
+    md = FileSystemReader(str(tmp_path / "out" / ITER)).read_metadata()
+    got_t, got_o = {}, set()
     for k, m in md.state_dict_metadata.items():
         if isinstance(m, TensorStorageMetadata):
-            ours[k] = (list(m.size), sorted((list(c.offsets), list(c.sizes)) for c in m.chunks))
+            got_t[k] = (tuple(m.size), {(tuple(c.offsets), tuple(c.sizes)) for c in m.chunks})
         else:
-            ours[k] = "bytes"
-    theirs = {}
-    for k, v in want.items():
-        if k.startswith(("rerun_state_machine_state/", "rng_state/")):
-            continue
-        theirs[k] = "bytes" if "bytes" in v else (v["size"], sorted((c[0], c[1]) for c in v["chunks"]))
-    # Megatron without TE has no decoder.final_layernorm._extra_state; ours is there for TE runs
-    ours.pop("decoder.final_layernorm._extra_state/shard_0_1")
-    assert ours == theirs
+            got_o.add(k)
+    got_o.discard("decoder.final_layernorm._extra_state/shard_0_1")
+    assert sorted(set(got_t) ^ set(want_t)) == []
+    for k in want_t:
+        assert got_t[k] == want_t[k], k
+    assert sorted(got_o ^ want_o) == []
+
+
+# -- (1) MoE and MLA: the mindformers fixtures against the Hugging Face models they were made from ------------
+
+def _hf(model: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(MOE, model, "hf", "model.safetensors"))
+
+
+def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Megatron's vocab padding: missing rows repeat the last row (FORMAT.md §2)."""
+    return torch.cat([t, t[-1:].expand(rows - t.shape[0], -1)]) if rows > t.shape[0] else t[:rows]
+
+
+def hf_globals(model: str, padded: int) -> dict:
+    """The torch_dist global tensors (local spec) written out by hand from the HF model (FORMAT.md §6, §7)."""
+    hf, cfg = _hf(model), json.load(open(os.path.join(MOE, model, "hf", "config.json")))
+    bf = {k: (v if "e_score_correction_bias" in k else v.to(torch.bfloat16)) for k, v in hf.items()}
+    out = {"embedding.word_embeddings.weight": _padded(bf["model.embed_tokens.weight"], padded),
+           "output_layer.weight": _padded(bf["lm_head.weight"], padded),
+           "decoder.final_layernorm.weight": bf["model.norm.weight"]}
+    L, E = cfg["num_hidden_layers"], cfg.get("num_experts") or cfg.get("n_routed_experts")
+    per_layer = {}
+    for i in range(L):
+        h = f"model.layers.{i}."
+        d = {}
+        if model == "qwen3_moe":
+            nq, ng, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+            q = bf[h + "self_attn.q_proj.weight"].view(ng, nq // ng * hd, -1)
+            k, v = (bf[h + f"self_attn.{x}_proj.weight"].view(ng, hd, -1) for x in "kv")
+            d["self_attention.linear_qkv.weight"] = torch.cat([q, k, v], 1).reshape(-1, q.shape[-1])
+            d["self_attention.linear_qkv.layer_norm_weight"] = bf[h + "input_layernorm.weight"]
+            d["self_attention.linear_proj.weight"] = bf[h + "self_attn.o_proj.weight"]
+            d["self_attention.q_layernorm.weight"] = bf[h + "self_attn.q_norm.weight"]
+            d["self_attention.k_layernorm.weight"] = bf[h + "self_attn.k_norm.weight"]
+            d["mlp.linear_fc1.layer_norm_weight"] = bf[h + "post_attention_layernorm.weight"]  # local keys map
+        else:  # MLA: each Megatron weight is its HF tensor; the local spec keeps the norms' own names
+            for ours, theirs in (("input_layernorm", "input_layernorm"), ("pre_mlp_layernorm", "post_attention_layernorm"),
+                                 ("self_attention.linear_q_down_proj", "self_attn.q_a_proj"),
+                                 ("self_attention.q_layernorm", "self_attn.q_a_layernorm"),
+                                 ("self_attention.linear_q_up_proj", "self_attn.q_b_proj"),
+                                 ("self_attention.linear_kv_down_proj", "self_attn.kv_a_proj_with_mqa"),
+                                 ("self_attention.kv_layernorm", "self_attn.kv_a_layernorm"),
+                                 ("self_attention.linear_kv_up_proj", "self_attn.kv_b_proj"),
+                                 ("self_attention.linear_proj", "self_attn.o_proj")):
+                d[f"{ours}.weight"] = bf[f"{h}{theirs}.weight"]
+        if h + "mlp.gate.weight" in bf:
+            d["mlp.router.weight"] = bf[h + "mlp.gate.weight"]
+            if h + "mlp.gate.e_score_correction_bias" in bf:
+                d["mlp.router.expert_bias"] = bf[h + "mlp.gate.e_score_correction_bias"]  # fp32
+            x = h + "mlp.experts.{}.{}_proj.weight"
+            d["mlp.experts.experts.linear_fc1.weight"] = torch.stack(
+                [torch.cat([bf[x.format(e, "gate")], bf[x.format(e, "up")]]) for e in range(E)])
+            d["mlp.experts.experts.linear_fc2.weight"] = torch.stack([bf[x.format(e, "down")] for e in range(E)])
+            if h + "mlp.shared_experts.gate_proj.weight" in bf:
+                sh = h + "mlp.shared_experts."
+                d["mlp.shared_experts.linear_fc1.weight"] = torch.cat([bf[sh + "gate_proj.weight"], bf[sh + "up_proj.weight"]])
+                d["mlp.shared_experts.linear_fc2.weight"] = bf[sh + "down_proj.weight"]
+        else:
+            d["mlp.linear_fc1.weight"] = torch.cat([bf[h + "mlp.gate_proj.weight"], bf[h + "mlp.up_proj.weight"]])
+            d["mlp.linear_fc2.weight"] = bf[h + "mlp.down_proj.weight"]
+        per_layer[i] = d
+    if model == "qwen3_moe":  # every layer MoE: Megatron stacks them (--moe-layer-freq 1)
+        for name in per_layer[0]:
+            out[f"decoder.layers.{name}"] = torch.stack([per_layer[i][name] for i in range(L)])
+    else:  # dense then MoE: per-layer keys
+        out.update({f"decoder.layers.{i}.{n}": t for i, d in per_layer.items() for n, t in d.items()})
+    return out
+
+
+MOE_CASES = [
+    # model, TP, PP, EP, ETP, extra flags
+    ("qwen3_moe", 2, 1, 2, None, []),
+    ("qwen3_moe", 2, 2, 2, 1, []),
+    ("qwen3_moe", 1, 1, 4, None, []),
+    ("deepseek_v3", 2, 1, 2, None, []),
+    ("deepseek_v3", 1, 2, 4, None, ["--decoder-first-pipeline-num-layers", "1"]),
+    ("deepseek_v3", 2, 2, 2, 1, ["--decoder-first-pipeline-num-layers", "2"]),
+]
+
+
+@pytest.mark.parametrize("model,tp,pp,ep,etp,extra", MOE_CASES,
+                         ids=[f"{c[0]}-tp{c[1]}pp{c[2]}ep{c[3]}etp{c[4]}" for c in MOE_CASES])
+def test_moe_and_mla_same_tensors_as_hugging_face(model, tp, pp, ep, etp, extra, tmp_path):
+    out = str(tmp_path / "out")
+    flags = ["--load-dir", os.path.join(MOE, model, f"mf_{model}_model.safetensors"),
+             "--model-config", os.path.join(MOE, model, "hf", "config.json"), "--save-dir", out,
+             "--target-tensor-parallel-size", str(tp), "--target-pipeline-parallel-size", str(pp),
+             "--target-expert-parallel-size", str(ep), "--saver-transformer-impl", "local",
+             "--ckpt-format", "torch_dist", "--true-vocab-size", "64", *extra]
+    if etp is not None:
+        flags += ["--target-expert-tensor-parallel-size", str(etp)]
+    convert(flags)
+    _, tensors, objects, md = dist_globals(out)
+    want = hf_globals(model, -(-64 // (128 * tp)) * 128 * tp)
+    assert sorted(set(tensors) ^ set(want)) == []
+    for k, t in want.items():
+        assert tensors[k].dtype == t.dtype and tensors[k].shape == t.shape, (k, tensors[k].shape, t.shape)
+        assert torch.equal(_bits(tensors[k]), _bits(t)), k
+    assert paint_coverage(md) == []
+    assert all(v is None for v in objects.values())  # local spec: every _extra_state is None
+    assert cli_main(["verify", "--load-dir", flags[1], "--save-dir", out, "--quiet"]) == 0
 
 
 # -- (2) resume, verify ------------------------------------------------------------------------------

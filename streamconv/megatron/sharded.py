@@ -25,7 +25,10 @@ shard sits inside one layer's parameter is the rule's knowledge
   without them, replicated over TP (ETP for experts) and data parallel; GPTModel
   drops ``output_layer._extra_state``;
 * **tied output layer**: the last stage's copy of the word embeddings is a replica of
-  ``embedding.word_embeddings.weight`` (replica id (1, 0, dp)) and is never stored.
+  ``embedding.word_embeddings.weight`` (replica id (1, 0, dp)) and is never stored; so is
+  the embedding an MTP stage keeps besides the first;
+* **MTP**: ``mtp.layers.<k>.transformer_layer.<name>`` follows the layer rules with no layer
+  axis; the MTP layer's own norms and ``eh_proj`` keep their keys.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .entries import EntryKind
 from .parallel import Axis
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+_MTP_LAYER = re.compile(r"(mtp\.layers\.\d+\.transformer_layer\.)(.+)")
 _LOCAL_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.+)")
 _GROUPED_PARAM = re.compile(r"mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)")
 _GROUPED_EXTRA = re.compile(r"mlp\.experts\.(linear_fc[12])\._extra_state")
@@ -126,21 +130,27 @@ class ShardedView:
             return []  # GPTModel.sharded_state_dict pops it
         if key == "output_layer.weight" and self.tied:
             return []  # a replica of the first stage's embedding (replica id (1, 0, dp))
+        if key == "embedding.word_embeddings.weight" and rank.coord.pp > 0:
+            return []  # the MTP stage's copy of the embedding: a replica too (tie_word_embeddings_state_dict)
         m = _LAYER.fullmatch(key)
-        if m is None:
+        if m is not None:
+            j, rest = int(m.group(1)), m.group(2)
+            if not 0 <= j < len(layers):
+                raise ValueError(f"{key}: layer {j} outside the stage's {len(layers)} layers")
+            g = layers[j]
+            if self.stacked:
+                prefix, prepend = "decoder.layers.", ((g, self.num_layers),)
+            else:
+                prefix, prepend = f"decoder.layers.{g}.", ()
+        elif (m := _MTP_LAYER.fullmatch(key)) is not None:
+            # MultiTokenPredictionBlock: its layers are never stacked (global index in the key)
+            prefix, prepend, rest = m.group(1), (), m.group(2)
+        else:
             return [_Target(key, (), False)]
-        j, rest = int(m.group(1)), m.group(2)
-        if not 0 <= j < len(layers):
-            raise ValueError(f"{key}: layer {j} outside the stage's {len(layers)} layers")
-        g = layers[j]
         if self.local_names:
             for old, new in _LOCAL_NAMES:
                 if rest.startswith(old):
                     rest = new + rest[len(old):]
-        if self.stacked:
-            prefix, prepend = "decoder.layers.", ((g, self.num_layers),)
-        else:
-            prefix, prepend = f"decoder.layers.{g}.", ()
         e, n_ep = rank.of(Axis.EP)
         if (x := _LOCAL_EXPERT.fullmatch(rest)) is not None:
             per = self._local_experts(key)
