@@ -548,8 +548,10 @@ def test_moe_and_mla_same_tensors_as_hugging_face(model, tp, pp, ep, etp, extra,
 
 RESUME_SPEC = synth.ModelSpec(layers=8, hidden=512, ffn=1024, heads=8, groups=4, vocab=4000, files=3)
 RESUME_FLAGS = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "4",
-                "--num-attention-heads", "8", "--saver-transformer-impl", "local", "--quiet", "--max-memory", "400MB",
-                "--ckpt-format", "torch_dist"]
+                "--num-attention-heads", "8", "--saver-transformer-impl", "local", "--quiet", "--ckpt-format", "torch_dist"]
+#: the killed runs are separate processes with a tight budget (small blocks: more moments to be killed in);
+#: the budget is not part of a run's identity, and in this process (pytest, torch loaded) it would be too tight
+SUBPROCESS_BUDGET = ["--max-memory", "400MB"]
 
 
 @pytest.fixture(scope="module")
@@ -572,7 +574,7 @@ def _bytes_of(root):
 
 def _start(source, save, extra=()):
     return subprocess.Popen([sys.executable, "-m", "streamconv", "convert", "--load-dir", source, "--save-dir", save,
-                             *RESUME_FLAGS, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             *RESUME_FLAGS, *SUBPROCESS_BUDGET, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(os.environ, PYTHONPATH=REPO))
 
 
