@@ -31,9 +31,9 @@ checkpoint (chunked at the case's TP x PP) and loaded at ``--load-tp`` x
 ``--load-pp`` the way ``load_checkpoint`` does it: ``common.pt`` read with
 ``dist_checkpointing.load_common_state_dict``, each rank's
 ``model.sharded_state_dict()`` filled by ``dist_checkpointing.load`` (Megatron's
-torch_dist strategy reshards), then ``load_state_dict(strict=True)``. Every key
-the model asks for must be in the checkpoint; keys it does not ask for may only
-be ``_extra_state`` objects (the TE final norm's, TE modules').
+torch_dist strategy reshards), then ``load_state_dict(strict=True)``. As with
+``--dist-ckpt-strictness raise_all``, every key the model asks for must be in the
+checkpoint and every key of the checkpoint must be asked for.
 """
 
 from __future__ import annotations
@@ -244,8 +244,8 @@ def dist_worker(rank: int, world: int, port: int, save_dir: str, tokens: torch.T
         report["unexpected"], report["missing"] = sorted(map(str, not_in_ckpt)), sorted(map(str, ckpt_only))
         if report["unexpected"]:
             report["error"] = f"the model asks for keys the checkpoint lacks: {report['unexpected'][:5]}"
-        elif any("_extra_state" not in k for k in report["missing"]):
-            report["error"] = f"the checkpoint has tensors the model does not use: {report['missing'][:5]}"
+        elif report["missing"]:  # as --dist-ckpt-strictness raise_all: nothing in the checkpoint goes unused
+            report["error"] = f"the checkpoint has keys the model does not use: {report['missing'][:5]}"
         else:
             model.load_state_dict(state["model"], strict=True)
             report["strict_ok"] = loaded = True

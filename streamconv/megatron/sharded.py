@@ -23,7 +23,12 @@ shard sits inside one layer's parameter is the rule's knowledge
 * **objects**: every ``<module>._extra_state`` is a ShardedObject keyed
   ``<key>/shard_<offsets>_<shape>`` over the layer (and expert) axes, ``shard_0_1``
   without them, replicated over TP (ETP for experts) and data parallel; GPTModel
-  drops ``output_layer._extra_state``;
+  drops ``output_layer._extra_state``. The local spec's ``decoder.final_layernorm``
+  is a torch norm without extra state where Transformer Engine is absent (Megatron's
+  own local-spec save on such a machine has no such object, and a load with
+  ``--dist-ckpt-strictness raise_all`` there rejects one), so it is not stored for the
+  local spec; with TE installed Megatron makes that norm a TENorm, so a local-spec load
+  there asks for it: use the transformer_engine names (the default) for TE machines;
 * **tied output layer**: the last stage's copy of the word embeddings is a replica of
   ``embedding.word_embeddings.weight`` (replica id (1, 0, dp)) and is never stored; so is
   the embedding an MTP stage keeps besides the first;
@@ -114,8 +119,8 @@ class ShardedView:
         self.sizes = sizes
         self.num_layers = args.num_layers
         self.stacked = stacks_layers(args)
-        self.local_names = (getattr(args, "transformer_impl", "") == "local"
-                            and not getattr(args, "multi_latent_attention", False))
+        self.local_spec = getattr(args, "transformer_impl", "") == "local"
+        self.local_names = self.local_spec and not getattr(args, "multi_latent_attention", False)
         self.tied = not getattr(args, "untie_embeddings_and_output_weights", True)
         self.num_experts = getattr(args, "num_experts", None)
 
@@ -128,6 +133,8 @@ class ShardedView:
     def _targets(self, key: str, rank, layers: range) -> list:
         if key == "output_layer._extra_state":
             return []  # GPTModel.sharded_state_dict pops it
+        if key == "decoder.final_layernorm._extra_state" and self.local_spec:
+            return []  # the local spec's final norm without Transformer Engine: a torch norm, no extra state
         if key == "output_layer.weight" and self.tied:
             return []  # a replica of the first stage's embedding (replica id (1, 0, dp))
         if key == "embedding.word_embeddings.weight" and rank.coord.pp > 0:
