@@ -50,8 +50,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     g = p.add_argument_group("input and output")
-    g.add_argument("--load-dir", required=True, help="MindSpore safetensors checkpoint: a file, a directory, an "
-                   "index/param_name_map.json, a unified directory or mindformers' iteration output")
+    g.add_argument("--load-dir", required=True, help="MindSpore safetensors checkpoint (a file, a directory, an "
+                   "index/param_name_map.json, a unified directory or mindformers' iteration output) or a Hugging "
+                   "Face Llama/Qwen2/Qwen3 model directory (config.json + model.safetensors or shards with their "
+                   "index)")
     g.add_argument("--save-dir", required=True, help="directory for the Megatron-LM checkpoint")
     lay = p.add_argument_group("source layouts (mindformers' training options)")
     lay.add_argument("--fc1-layout", choices=FC1_LAYOUTS, default=None,
@@ -149,6 +151,8 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     a.add_argument("--rotary-base", type=int, default=None,
                    help="rope base (Llama 3: 500000, Qwen3: 1000000); default: from the model config, else 10000")
     a.add_argument("--norm-epsilon", type=float, help="default: from the model config, else Megatron's 1e-5")
+    a.add_argument("--use-rope-scaling", action="store_true", default=None,
+                   help="Llama 3.1 rope scaling (default: from the model config's rope_scaling llama3, else off)")
     a.add_argument("--rotary-percent", type=float, default=1.0)
     a.add_argument("--rotary-interleaved", action="store_true")
     a.add_argument("--attention-dropout", type=float, default=0.1)
@@ -177,7 +181,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="streamconv",
-        description="Stream a MindSpore Transformers safetensors checkpoint into a Megatron-LM core checkpoint.",
+        description="Stream a MindSpore Transformers safetensors checkpoint (or a Hugging Face Llama/Qwen2/Qwen3 "
+                    "model) into a Megatron-LM core checkpoint.",
     )
     p.add_argument("--version", action="version", version=f"streamconv {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{convert,plan,verify}")
@@ -295,6 +300,10 @@ def _main(argv: list) -> int:
 
 def main(argv: list | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "WORLD_SIZE" in os.environ:
+        # a torchrun worker: a failed rendezvous must end in our one line, not in c10d's C++ log and stack
+        # dump (read when torch is imported, so set before any import of it)
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     debug = "--debug" in argv
     try:
         return _main(argv)

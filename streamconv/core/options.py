@@ -116,6 +116,7 @@ class ConvertOptions:
     ckpt_format: str = CkptFormat.TORCH.value
     # values the weights cannot tell (Megatron's names); None: from a model config file, else Megatron's default
     norm_epsilon: float | None = None
+    use_rope_scaling: bool | None = None  # Llama 3.1 rope scaling (config.json rope_scaling llama3)
     moe_router_topk: int | None = None
     moe_router_score_function: str | None = None
     moe_router_topk_scaling_factor: float | None = None

@@ -29,7 +29,7 @@ from ..megatron.parallel import ParallelSizes, Rank, check_model, stage_ranks
 from ..model import settings
 from ..model.config import ModelConfig
 from ..model.resolve import check_layers, resolve_config
-from ..sources.hints import find_config, read_hints
+from ..sources.hints import find_config, hf_config, read_hints
 from ..sources.index import SourceIndex, index_checkpoint
 from ..sources.schemes import layer_of
 from . import memory
@@ -107,6 +107,11 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     fmt = get_format(o.ckpt_format)
     index = index_checkpoint(o.load_dir)
     config_file = find_config(o.load_dir, o.model_config)
+    input_notes = []
+    if index.scheme.needs_model_config:  # Hugging Face names: the architecture and dimensions from config.json
+        drop, input_notes = hf_config.check_hf_input(config_file, index.tensors, o.load_dir)
+        for name in drop:
+            del index.tensors[name]
     hints = read_hints(config_file) if config_file else {}
     problem = settings.unsupported(hints)
     if problem:
@@ -114,6 +119,7 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     settings.apply(o, hints)
     o.check()
     cfg = resolve_config(index, o)
+    settings.check_rope_scaling(o, cfg)
     sizes = ParallelSizes.from_options(o)
     check_model(cfg, sizes)
     check_layers(index, cfg)
@@ -126,13 +132,15 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     layouts = scheme.source_layouts(o)
     args = megatron_args(cfg, o, sizes)
     input_fp = index.fingerprint()
-    seed_opts = {k: v for k, v in o.fingerprint().items() if k != "load_dir"}
     stages = []
     for p in range(sizes.pp):
         specs = stage_entries(cfg, index.tensors, p, sizes, o.saver_transformer_impl, layouts, o.moe_grouped_gemm)
         ranks = [RankEntries(c, [resolve(s, Rank(c, sizes)) for s in specs]) for c in stage_ranks(sizes, p)]
         stages.append(StagePlan(p, sizes.stage_layers(cfg.num_layers, p), ranks))
-    seed = [seed_opts, [(os.path.basename(f), sz) for f, sz, _ in input_fp]]
+    # File ids derive from what the output is (its args; the format adds what each file holds), not from how the input
+    # files or flags were spelled: the same weights under another naming scheme (a Hugging Face model and
+    # the mindformers checkpoint made from it) converted to the same args give byte-identical files.
+    seed = [sorted(vars(args).items())]
     fplan = fmt.plan(PlanInput(stages, sizes, args, seed))
 
     src = index.tensors
@@ -147,6 +155,7 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     budget = o.max_memory if explicit else memory.default_budget(largest_layer)
     block, predicted = memory.plan_blocks(budget, floor, max_row, largest_tensor, explicit)
     notes = []
+    notes += input_notes
     notes += scheme.notes(cfg, o)
     notes += _vocab_notes(cfg, sizes.tp)
     if cfg.inferred:

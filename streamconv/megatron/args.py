@@ -54,6 +54,7 @@ OPTIONS_IN_ARGS = {
     "mscale": "mscale",
     "mscale_all_dim": "mscale_all_dim",
     "norm_epsilon": "norm_epsilon",
+    "use_rope_scaling": "use_rope_scaling",
     "decoder_first_pipeline_num_layers": "decoder_first_pipeline_num_layers",
     "decoder_last_pipeline_num_layers": "decoder_last_pipeline_num_layers",
 }
@@ -199,4 +200,6 @@ def _other_fields(cfg, o, sizes) -> list:
         out.append(("decoder_last_pipeline_num_layers", sizes.last_stage_layers))
     if o.norm_epsilon is not None:
         out.append(("norm_epsilon", o.norm_epsilon))
+    if o.use_rope_scaling:  # Llama 3.1's rope scaling; left out otherwise, as Megatron's default is off
+        out.append(("use_rope_scaling", True))
     return out

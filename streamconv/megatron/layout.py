@@ -127,7 +127,7 @@ class LayerBuilder:
             q_down = self.S("self_attention.linear_q_down_proj.weight") if a.q_lora_rank is not None else None
             kv_down = self.S("self_attention.linear_kv_down_proj.weight")
             q_up = self.S("self_attention.linear_q_up_proj.weight") if a.q_lora_rank is not None \
-                else self.S("self_attention.linear_q_proj.weight")
+                else self.S(a.q_proj)
             kv_up = self.S("self_attention.linear_kv_up_proj.weight")
             q_norm, kv_norm = "self_attention.q_layernorm", "self_attention.kv_layernorm"
 

@@ -142,8 +142,10 @@ def stage_ranks(sizes: ParallelSizes, pp: int) -> list:
     tp, ep, etp = sizes.tp, sizes.ep, sizes.count(Axis.ETP)
     world = stage_world(sizes)
     out = {}
+    needed = set()  # (tp, ep) of every rank: the file each one loads
     for r in range(world):
         e_tp, e_ep, e_dp = r % etp, (r // etp) % ep, r // (etp * ep)
+        needed.add((r % tp, e_ep))
         if e_dp:
             continue
         c = RankCoord(tp=r % tp, pp=pp, ep=e_ep, etp=e_tp)
@@ -155,6 +157,15 @@ def stage_ranks(sizes: ParallelSizes, pp: int) -> list:
                 "or load this layout in the torch format (use an ETP that does not exceed TP)"
             )
         out[(c.tp, c.ep)] = c
+    missing = sorted(needed - set(out))
+    if missing:
+        t, e = missing[0]
+        raise FlagError(
+            f"--target-expert-tensor-parallel-size {etp} with --target-expert-parallel-size {ep} and "
+            f"--target-tensor-parallel-size {tp}: the ranks of tensor rank {t} and expert rank {e} have "
+            "expert-data-parallel rank > 0, so Megatron writes no legacy file for them and cannot load this "
+            "layout in the torch format (choose ETP x EP as a multiple of TP)"
+        )
     return [out[k] for k in sorted(out)]
 
 

@@ -71,6 +71,7 @@ class MlaConfig:
     concat: bool  # mindformers' mla_qkv_concat form: linear_qkv = [q_a; c_kv; k_pe], linear_qb, linear_kvb
     qkv_bias: bool = False
     proj_bias: bool = False
+    q_proj: str = "self_attention.linear_q_proj.weight"  # canonical name of the q projection without q_lora
 
     @property
     def qk_layernorm(self) -> bool:

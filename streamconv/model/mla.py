@@ -60,7 +60,10 @@ def infer(lt: LayerTensors, h: int, o, notes: list) -> MlaConfig:
             q_up_rows = _rows(lt.need("self_attention.linear_q_up_proj.weight"), q_lora)
         else:
             q_lora = None
-            q_up_rows = _rows(lt.need("self_attention.linear_q_proj.weight"), h)
+            q_proj = "self_attention.linear_q_proj.weight"
+            if not lt.has(q_proj) and lt.has("self_attention.linear_q.weight"):
+                q_proj = "self_attention.linear_q.weight"  # Hugging Face q_proj
+            q_up_rows = _rows(lt.need(q_proj), h)
         layernorms = lt.has("self_attention.kv_layernorm.weight")
         where = kv_down
     if rope <= 0 or (q_up_rows - kv_up_rows + proj_cols) % rope:
@@ -83,7 +86,8 @@ def infer(lt: LayerTensors, h: int, o, notes: list) -> MlaConfig:
                    f"layer {lt.i}'s multi-latent attention shapes give {name.replace('_', ' ')}")
     notes.append(f"multi-latent attention: {n} heads, q_lora_rank={q_lora}, kv_lora_rank={kv_lora}, "
                  f"qk_head_dim={qk}, qk_pos_emb_head_dim={rope}, v_head_dim={v}")
-    return MlaConfig(AttentionKind.MLA, n, q_lora, kv_lora, qk, rope, v, layernorms, concat)
+    q_name = q_proj if not concat and q_lora is None else "self_attention.linear_q_proj.weight"
+    return MlaConfig(AttentionKind.MLA, n, q_lora, kv_lora, qk, rope, v, layernorms, concat, q_proj=q_name)
 
 
 def expected_shapes(a: MlaConfig, h: int, norm_bias: bool) -> dict:
@@ -99,7 +103,7 @@ def expected_shapes(a: MlaConfig, h: int, norm_bias: bool) -> dict:
             s["self_attention.k_layernorm.weight"] = (a.kv_lora_rank,)
         return s
     if a.q_lora_rank is None:
-        s["self_attention.linear_q_proj.weight"] = (n * qh, h)
+        s[a.q_proj] = (n * qh, h)
     else:
         s["self_attention.linear_q_down_proj.weight"] = (a.q_lora_rank, h)
         s["self_attention.linear_q_up_proj.weight"] = (n * qh, a.q_lora_rank)

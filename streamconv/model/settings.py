@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..core.errors import InputError
+
 DEFAULT = "default"
 
 
@@ -32,6 +34,7 @@ SETTINGS = (
     Setting("seq_length", "--seq-length", 2048),
     Setting("max_position_embeddings", "--max-position-embeddings", None),  # resolve_config derives it
     Setting("norm_epsilon", "--norm-epsilon", None, 1e-5),
+    Setting("use_rope_scaling", "--use-rope-scaling", None, False),
     Setting("moe_router_topk", "--moe-router-topk", None, 2, moe=True),
     Setting("moe_router_score_function", "--moe-router-score-function", None, "softmax", moe=True),
     Setting("moe_router_topk_scaling_factor", "--moe-router-topk-scaling-factor", None, "none", moe=True),
@@ -42,6 +45,8 @@ SETTINGS = (
     Setting("mscale", "--mscale", None, 1.0, mla=True),
     Setting("mscale_all_dim", "--mscale-all-dim", None, 0.0, mla=True),
 )
+#: recorded in args, but load_args_from_checkpoint (core_r0.12.0) does not read them back
+UNREAD_BY_MEGATRON = ("norm_epsilon", "use_rope_scaling")
 #: source layouts of fused mindformers tensors: flag, else a mindformers YAML, else mindformers' defaults
 LAYOUT_DEFAULTS = {"fc1_layout": "interleaved", "qkv_layout": "grouped"}
 #: model dimensions a config may carry: used like flags, checked against the shapes
@@ -87,6 +92,8 @@ def notes(o, cfg) -> list:
             continue  # only softmax routing has a pre-softmax choice
         if s.field in ("mscale", "mscale_all_dim") and not yarn:
             continue
+        if s.field == "use_rope_scaling" and not o.use_rope_scaling:
+            continue  # off unless a flag or config.json (Llama 3.1) says so
         value = getattr(o, s.field)
         origin = o.provenance.get(s.field)
         if s.field == "max_position_embeddings" and value is None:
@@ -98,6 +105,11 @@ def notes(o, cfg) -> list:
             out.append(f"not in the weights: {s.field}={value} (default); pass {s.flag} if your model used another")
         elif origin is not None:
             out.append(f"{s.field}={value} from {origin}")
+    unread = {s.field: s.flag + ("" if s.field == "use_rope_scaling" else f" {getattr(o, s.field):g}")
+              for s in SETTINGS if s.field in UNREAD_BY_MEGATRON and getattr(o, s.field)}
+    if unread:
+        out.append(f"Megatron does not read {' or '.join(unread)} back from the checkpoint "
+                   f"(--use-checkpoint-args): run it with {' '.join(unread.values())}")
     if megatron_defaults:
         out.append("not in the weights" + (" or the model config" if o.provenance else "") + ", left to Megatron's "
                    "defaults (pass the flag if your model differs): " + ", ".join(megatron_defaults))
@@ -108,6 +120,15 @@ def unsupported(hints: dict) -> str | None:
     """A hint that names something Megatron r0.12 cannot express for these models, as a message."""
     rs = hints.get("_rope_scaling_unsupported")
     if rs is not None:
-        return (f"{rs.origin} {rs.value!r} is not supported: Megatron r0.12 takes only yarn rope scaling for "
-                "these models")
+        return (f"{rs.origin} {rs.value} is not supported: Megatron r0.12 takes only yarn rope scaling (multi-latent "
+                "attention) and Llama 3.1's (rope_type llama3, factor 8, low_freq_factor 1, high_freq_factor 4, "
+                "original_max_position_embeddings 8192)")
     return None
+
+
+def check_rope_scaling(o, cfg) -> None:
+    """Yarn scaling exists in Megatron r0.12 only inside multi-latent attention: refuse it for other models."""
+    if cfg.mla is None and (o.rotary_scaling_factor or 1.0) != 1.0:
+        where = o.source_of("rotary_scaling_factor", "--rotary-scaling-factor")
+        raise InputError(f"{where} {o.rotary_scaling_factor}: yarn rope scaling is applied by Megatron r0.12 only in "
+                         "multi-latent attention; this model has standard attention, so it cannot be expressed")

@@ -11,12 +11,12 @@ refused, because guessing would risk a silently wrong model.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..core.errors import InputError
 from .header import read_header
 from .locate import locate
-from .schemes import SCHEMES, EntryClass, classify
+from .schemes import SCHEMES, EntryClass, classify, refusal
 from .tensor import Skipped, SourceTensor
 
 
@@ -91,9 +91,13 @@ def index_checkpoint(load_path: str) -> SourceIndex:
                 skipped.artifacts.append(name)
                 continue
             if cls.kind is EntryClass.UNKNOWN:
+                why = refusal(name)
+                if why:
+                    raise InputError(f"{path}: {why}")
                 unknown.append((name, path))
                 continue
-            used.add(cls.scheme.name)
+            if not cls.shared:
+                used.add(cls.scheme.name)
             if cls.canonical in tensors:
                 other = tensors[cls.canonical]
                 raise InputError(
@@ -119,4 +123,12 @@ def index_checkpoint(load_path: str) -> SourceIndex:
     if not tensors:
         raise InputError(f"{load_path}: holds no model weights (only optimizer or step entries)")
     schemes = tuple(s for s in SCHEMES if s.name in used)
+    alone = next((s for s in schemes if s.exclusive), None)
+    if alone is not None and len(schemes) > 1:
+        other = next(s for s in schemes if s is not alone)
+        raise InputError(
+            f"{load_path}: mixes {alone.description} with {other.description}; convert one checkpoint at a time"
+        )
+    if schemes:  # a name several schemes share (lm_head.weight) belongs to the checkpoint's scheme
+        tensors = {k: t if t.scheme in used else replace(t, scheme=schemes[0].name) for k, t in tensors.items()}
     return SourceIndex(load_path, found.layout, found.files, tensors, skipped, schemes)

@@ -4,7 +4,10 @@ FORMAT.md §1 "How checkpoints sit on disk": one file, a directory, a directory
 with ``param_name_map.json`` or ``model.safetensors.index.json``, a unified
 directory whose ``hyper_param.safetensors`` must never be read as weights,
 mindformers' newer ``iteration_XXXXXXXX/model-*.safetensors`` output, or
-per-rank training output that holds TP *slices* and is refused here. The
+per-rank training output that holds TP *slices* and is refused here. A Hugging
+Face model directory (``config.json`` + ``model.safetensors`` or shards with
+``model.safetensors.index.json``) is a directory with an index like any other;
+its ``config.json`` may also be given as the path. The
 answer is a list of files (plus, for an index, the name -> file map to check
 them against); nothing but directory listings and small JSON files is read.
 """
@@ -21,6 +24,7 @@ from .tensor import Skipped
 
 HYPER_PARAM_FILE = "hyper_param.safetensors"
 UNIFIED_MAP = "param_name_map.json"
+MODEL_CONFIG = "config.json"  # a Hugging Face model's description, beside its weights
 _PER_RANK_FILE_RE = re.compile(r".*_rank_\d+-\d+_\d+\.safetensors")
 _RANK_DIR_RE = re.compile(r"rank_\d+")
 _ITER_DIR_RE = re.compile(r"iteration_(\d+)")
@@ -42,6 +46,8 @@ def _read_index_json(path: str) -> dict:
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read the index file ({e}); re-copy or remove it") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
+    if wm is None and isinstance(obj, dict) and obj and all(isinstance(v, str) for v in obj.values()):
+        wm = obj  # mindformers' convert_weight.py writes param_name_map.json as a flat {name: file}
     if not isinstance(wm, dict):
         raise InputError(f"{path}: index has no 'weight_map' of tensor name -> file name")
     for k, v in wm.items():
@@ -50,10 +56,24 @@ def _read_index_json(path: str) -> dict:
     return wm
 
 
+def _lone_rank_0(directory: str) -> bool:
+    """``rank_0`` with no other ``rank_N`` beside it: a one-device run, whose files hold whole weights."""
+    if os.path.basename(os.path.normpath(directory)) != "rank_0":
+        return False
+    parent = os.path.dirname(os.path.abspath(directory))
+    try:
+        siblings = [e for e in os.listdir(parent) if _RANK_DIR_RE.fullmatch(e)]
+    except OSError:
+        return False
+    return siblings == ["rank_0"]
+
+
 def _refuse_per_rank(directory: str) -> None:
     try:
         entries = os.listdir(directory)
     except OSError:
+        return
+    if _lone_rank_0(directory):
         return
     rank_dirs = sorted(e for e in entries if _RANK_DIR_RE.fullmatch(e) and os.path.isdir(os.path.join(directory, e)))
     per_rank_files = [e for e in entries if _PER_RANK_FILE_RE.fullmatch(e)]
@@ -92,6 +112,8 @@ def locate(load_path: str, skipped: Skipped) -> Located:
         raise PathError(f"--load-dir {load_path} does not exist; give the checkpoint file or directory")
     if not os.path.isfile(load_path) and not os.path.isdir(load_path):
         raise PathError(f"--load-dir {load_path} is not a file or directory (a device or FIFO?); give the checkpoint")
+    if os.path.isfile(load_path) and os.path.basename(load_path) == MODEL_CONFIG:
+        load_path = os.path.dirname(os.path.abspath(load_path))  # a Hugging Face model named by its config.json
     if os.path.isfile(load_path):
         base = os.path.basename(load_path)
         if base == HYPER_PARAM_FILE:

@@ -80,7 +80,7 @@ class Skipped:
         if self.steps:
             out.append(f"skipped {self.steps} step/loss-scale entries (global_step, learning_rate, ...)")
         if self.placeholders:
-            out.append(f"skipped {self.placeholders} dropout placeholder entries (no weights)")
+            out.append(f"skipped {self.placeholders} placeholder entries without weights (dropout, rotary inv_freq)")
         if self.buffers:
             out.append(f"skipped {self.buffers} MoE router runtime buffers (expert_load / fi_accu: statistics, "
                        "not weights)")
