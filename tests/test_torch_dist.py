@@ -908,3 +908,36 @@ def test_a_writer_set_that_misses_dense_shards_is_refused(tmp_path):
 
     with pytest.raises(FlagError, match="leaves the checkpoint incomplete.*never written"):
         _moe_run(tmp_path, ParallelSizes(tp=2, pp=1, ep=2), ranks=_all_tp_ranks_but_one)
+
+
+MLM = os.environ.get("MEGATRON_LM")
+
+
+@pytest.mark.skipif(not (os.path.exists(MCORE_PY) and MLM and os.path.isdir(os.path.join(MLM or "", "megatron", "training"))),
+                    reason="needs /work/venv-mcore and $MEGATRON_LM (a Megatron-LM core_r0.12.0 source tree)")
+@pytest.mark.parametrize("model,chunked,load", [
+    ("qwen2", ["--target-tensor-parallel-size", "2"], ["--tp", "1", "--pp", "2"]),
+    ("qwen3_moe", ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"], ["--tp", "1", "--ep", "4"]),
+    ("qwen3_moe", ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2",
+                   "--target-expert-tensor-parallel-size", "1"], ["--tp", "2", "--ep", "2"]),
+    ("deepseek_v3", ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"],
+     ["--tp", "1", "--pp", "2", "--ep", "2", "--first-stage-layers", "1"]),
+    ("deepseek_v3", ["--target-pipeline-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1",
+                     "--target-expert-parallel-size", "4"], ["--tp", "2", "--ep", "1"]),
+])
+def test_real_megatron_load_checkpoint_moe_at_another_layout(model, chunked, load, tmp_path):
+    """Megatron's own load_checkpoint (raise_all strictness) loads the output (dense, MoE, MLA) at another
+    TP/PP/EP; logits equal the Hugging Face model's (scripts/check_megatron_moe.py)."""
+    out = str(tmp_path / "out")
+    if model == "qwen2":  # dense: mindformers' legacy-named checkpoint made from the HF Qwen2 beside it
+        hf = os.path.join(os.path.dirname(MOE), "hf_pairs", "qwen2")
+        inp = ["--load-dir", os.path.join(hf, "mindformers_legacy_split.safetensors"), "--true-vocab-size", "128"]
+    else:
+        hf = os.path.join(MOE, model, "hf")
+        inp = ["--load-dir", os.path.join(MOE, model, f"mf_{model}_model.safetensors"), "--true-vocab-size", "64"]
+    convert([*inp, "--model-config", os.path.join(hf, "config.json"), "--save-dir", out,
+             "--saver-transformer-impl", "local", "--ckpt-format", "torch_dist", *chunked])
+    p = subprocess.run([MCORE_PY, os.path.join(REPO, "scripts", "check_megatron_moe.py"), "--save-dir", out,
+                        "--hf-dir", hf, *load], capture_output=True, text=True,
+                       timeout=900, env=dict(os.environ, MEGATRON_LM=MLM))
+    assert p.returncode == 0 and "-> PASS" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
