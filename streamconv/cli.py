@@ -23,7 +23,7 @@ from dataclasses import fields
 
 from . import __version__
 from .core.errors import FlagError, StreamconvError, VerifyMismatch
-from .core.options import FC1_LAYOUTS, QKV_LAYOUTS, TRANSFORMER_IMPLS, ConvertOptions
+from .core.options import FC1_LAYOUTS, QKV_LAYOUTS, TRANSFORMER_IMPLS, CkptFormat, ConvertOptions
 from .core.sizes import parse_size
 
 IGNORED = {
@@ -86,6 +86,9 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
                    help="tensor parallel size inside each expert (default: TP, Megatron's default)")
     o.add_argument("--saver-transformer-impl", choices=TRANSFORMER_IMPLS, default="transformer_engine",
                    help="key names of the output (official default: transformer_engine)")
+    o.add_argument("--ckpt-format", choices=CkptFormat.values(), default=CkptFormat.TORCH.value,
+                   help="output container (Megatron's flag): torch = one torch.save file per rank, as convert.py "
+                        "writes; torch_dist = Megatron's distributed checkpoint, loadable at any TP/PP")
     o.add_argument("--loader-transformer-impl", choices=TRANSFORMER_IMPLS, default=None,
                    help="accepted for compatibility; does not change the output")
     o.add_argument("--position-embedding-type", choices=["rope", "none", "learned_absolute"], default="rope",

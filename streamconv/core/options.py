@@ -51,6 +51,7 @@ class CkptFormat(Choice):
     """Megatron's ``--ckpt-format``: the output container."""
 
     TORCH = "torch"  # legacy: one torch.save file per rank
+    TORCH_DIST = "torch_dist"  # distributed: global tensors in chunks (torch Distributed Checkpoint)
 
 
 # Kept for callers of the first version.

@@ -18,7 +18,8 @@ def describe(plan) -> str:
         f"{c.normalization}, {'swiglu' if c.swiglu else 'gelu'}, "
         f"{'biases' if c.add_bias_linear else ('qkv bias' if c.add_qkv_bias else 'no biases')}, "
         f"{'qk-layernorm, ' if c.qk_layernorm else ''}{'tied' if c.tied else 'untied'} output",
-        f"target   TP {sz.tp} x PP {sz.pp}, BF16, {o.saver_transformer_impl} names -> {o.save_dir}",
+        f"target   TP {sz.tp} x PP {sz.pp}, BF16, {o.saver_transformer_impl} names, {o.ckpt_format} format "
+        f"-> {o.save_dir}",
     ]
     for g in plan.groups:
         lines.append(f"stage {g.index}: layers {g.layers.start}..{g.layers.stop - 1}"

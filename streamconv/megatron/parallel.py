@@ -100,6 +100,38 @@ class Rank:
         """(index, count) along ``axis``."""
         return self.coord.index(axis), self.sizes.count(axis)
 
+    @property
+    def stage_index(self) -> int:
+        """This rank's place among its pipeline stage's ranks (expert order etp-ep, edp 0: a writer)."""
+        return self.coord.etp + self.sizes.count(Axis.ETP) * self.coord.ep
+
+    @property
+    def dense_dp(self) -> int:
+        """Megatron's data-parallel index for dense (non-expert) parameters.
+
+        Dense ranks are ordered tp-dp: ranks that differ only in their EP index hold
+        the same dense shard as different data-parallel replicas.
+        """
+        return self.stage_index // self.sizes.tp
+
+    def is_main(self, expert: bool, split: tuple = ()) -> bool:
+        """Whether this rank's copy of a parameter is the one Megatron saves (replica id all zeros).
+
+        ``split``: the axes along which the parameter is cut (each rank's share is its
+        own); along any other axis of its parallel group the copies are replicas and
+        only index 0 is the main one. Dense parameters: TP, then dense DP (which
+        spans EP). Expert parameters: ETP; EP always cuts (experts), and writers are
+        expert-data-parallel index 0.
+        """
+        if expert:
+            return Axis.ETP in split or self.coord.etp == 0
+        return (Axis.TP in split or self.coord.tp == 0) and self.dense_dp == 0
+
+
+def stage_world(sizes: ParallelSizes) -> int:
+    """Ranks per pipeline stage: the smallest world that fits both the dense and the expert rank order."""
+    return math.lcm(sizes.tp, sizes.count(Axis.ETP) * sizes.ep)
+
 
 def stage_ranks(sizes: ParallelSizes, pp: int) -> list:
     """The coordinates that write a legacy file in pipeline stage ``pp``, sorted by (tp, ep).
@@ -108,7 +140,7 @@ def stage_ranks(sizes: ParallelSizes, pp: int) -> list:
     its expert-data-parallel index is 0 (with EP = 1 and ETP = TP: every TP rank once).
     """
     tp, ep, etp = sizes.tp, sizes.ep, sizes.count(Axis.ETP)
-    world = math.lcm(tp, etp * ep)
+    world = stage_world(sizes)
     out = {}
     needed = set()  # (tp, ep) of every rank: the file each one loads
     for r in range(world):
