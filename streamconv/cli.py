@@ -271,7 +271,8 @@ def _main(argv: list) -> int:
         o = options_from_args(a)
         prog = Progress(quiet=o.quiet)
         summary = convert(o, prog)
-        _write_json(a.json_summary, summary)
+        if summary.get("coordinator", True):  # under torchrun, worker 0 reports for every worker
+            _write_json(a.json_summary, summary)
         return 0
     if a.command == "plan":
         from .engine.describe import describe

@@ -8,6 +8,7 @@ mindformers fixtures (read only) or copies of them with one tensor removed or ad
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -109,9 +110,16 @@ def test_ep_on_a_dense_model(ws):  # noqa: F811
     """A Qwen3-MoE copy with every router and expert removed is dense: expert parallelism makes no sense."""
     drop = [k for k in load_file(Q3) if ".mlp." in k]
     load = _copy_with(ws, Q3, drop=drop, add={
-        **{f"decoder.layers.{i}.mlp.linear_fc1.weight": np.zeros((32, 32), np.float32) for i in range(2)},
-        **{f"decoder.layers.{i}.mlp.linear_fc2.weight": np.zeros((32, 16), np.float32) for i in range(2)}})
-    refuse(ws, _argv(ws, load, Q3_CONFIG, "--target-expert-parallel-size", "2"),
+        # config.json's intermediate_size (48) is the dense ffn, checked against the shapes like a flag
+        **{f"decoder.layers.{i}.mlp.linear_fc1.weight": np.zeros((96, 32), np.float32) for i in range(2)},
+        **{f"decoder.layers.{i}.mlp.linear_fc2.weight": np.zeros((32, 48), np.float32) for i in range(2)}})
+    cfg = json.load(open(Q3_CONFIG))
+    for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "mlp_only_layers", "decoder_sparse_step"):
+        cfg.pop(k, None)  # the config of the dense model this copy now is
+    dense_config = os.path.join(str(ws.inp) + "_cfg", "config.json")
+    os.makedirs(os.path.dirname(dense_config), exist_ok=True)
+    json.dump(cfg, open(dense_config, "w"))
+    refuse(ws, _argv(ws, load, dense_config, "--target-expert-parallel-size", "2"),
            names=["--target-expert-parallel-size"], watch=[ws.inp])
 
 
