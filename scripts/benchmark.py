@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace, dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -58,6 +58,9 @@ def inputs(quick: bool) -> dict:
             "l70-shapes-small-tp8ranks": DistInput(small, 8),
             "mid-4L": synth.ModelSpec(layers=4, hidden=1024, ffn=2816, heads=8, groups=4, vocab=8000),
             "mid-16L": synth.ModelSpec(layers=16, hidden=1024, ffn=2816, heads=8, groups=4, vocab=8000),
+            "deepseek-small": replace(synth.PRESETS["deepseek_v3"], hidden=1024, heads=16, groups=16, vocab=8000,
+                                      ffn=2816, q_lora=256, kv_lora=128, qk_nope=32, qk_rope=16, v_head=32,
+                                      moe_ffn=256, shared_ffn=256, experts=16),
         }
     # Llama-3-70B layer shapes; 2 layers + embeddings + output = 15.3 GB of fp32
     l70 = synth.ModelSpec(layers=2, hidden=8192, ffn=28672, heads=64, groups=8, vocab=128256, files=4)
@@ -67,26 +70,39 @@ def inputs(quick: bool) -> dict:
         "llama70b-2L-tp8ranks": DistInput(l70, 8),
         "mid-4L": synth.ModelSpec(layers=4, hidden=4096, ffn=11008, heads=32, groups=8, vocab=32000, files=2),
         "mid-16L": synth.ModelSpec(layers=16, hidden=4096, ffn=11008, heads=32, groups=8, vocab=32000, files=4),
+        # DeepSeek-V3 shapes (hidden 7168, 128 heads, q_lora 1536, kv_lora 512, moe_ffn 2048, shared experts,
+        # fp32 expert bias; BF16): 1 dense + 2 MoE layers with 16 experts instead of 61 layers x 256 = 8.6 GB
+        "deepseek-3L": replace(synth.PRESETS["deepseek_v3"], layers=3, experts=16, files=4),
     }
+
+
+#: a run label starting with this is launched under torchrun with two workers on this host
+WORKERS = "2 workers"
+#: values the DeepSeek-shaped weights cannot tell (its config.json would say them)
+MOE_ROUTING = ["--moe-router-topk", "8", "--moe-router-score-function", "sigmoid",
+               "--moe-router-topk-scaling-factor", "2.5"]
 
 
 def runs(quick: bool) -> list:
     big = "l70-shapes-small" if quick else "llama70b-2L"
     heads = 16 if quick else 64
     mid_heads = 8 if quick else 32
+    ds, ds_heads = ("deepseek-small", 16) if quick else ("deepseek-3L", 128)
+    tp8pp2 = ["--target-tensor-parallel-size", "8" if not quick else "2", "--target-pipeline-parallel-size", "2"]
+    moe = ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "8", "--max-memory", "2GiB",
+           *MOE_ROUTING]
     return [
-        (big, "TP8 PP2, --max-memory 2GiB", ["--target-tensor-parallel-size", "8" if not quick else "2",
-                                              "--target-pipeline-parallel-size", "2", "--max-memory", "2GiB"], heads),
+        (big, "TP8 PP2, --max-memory 2GiB", [*tp8pp2, "--max-memory", "2GiB"], heads),
+        (big, f"{WORKERS} (torchrun --standalone), TP8 PP2, --max-memory 2GiB each",
+         [*tp8pp2, "--max-memory", "2GiB"], heads),
         (big, "TP1 PP1, --max-memory 2GiB", ["--max-memory", "2GiB"], heads),
         (big, "TP1 PP1, --max-memory 1GiB", ["--max-memory", "1GiB"], heads),
-        (big, "TP8 PP2, default budget", ["--target-tensor-parallel-size", "8" if not quick else "2",
-                                           "--target-pipeline-parallel-size", "2"], heads),
-        (big, "torch_dist TP8 PP2, --max-memory 2GiB", ["--ckpt-format", "torch_dist", "--target-tensor-parallel-size",
-                                                        "8" if not quick else "2", "--target-pipeline-parallel-size",
-                                                        "2", "--max-memory", "2GiB"], heads),
-        (big + "-tp8ranks", "per-rank TP8 input, TP8 PP2, --max-memory 2GiB",
-         ["--target-tensor-parallel-size", "8" if not quick else "2", "--target-pipeline-parallel-size", "2",
-          "--max-memory", "2GiB"], heads),
+        (big, "TP8 PP2, default budget", tp8pp2, heads),
+        (big, "torch_dist TP8 PP2, --max-memory 2GiB", ["--ckpt-format", "torch_dist", *tp8pp2, "--max-memory", "2GiB"],
+         heads),
+        (big + "-tp8ranks", "per-rank TP8 input, TP8 PP2, --max-memory 2GiB", [*tp8pp2, "--max-memory", "2GiB"], heads),
+        (ds, "MoE/MLA TP2 EP8, --max-memory 2GiB", moe, ds_heads),
+        (ds, "MoE/MLA torch_dist TP2 EP8, --max-memory 2GiB", ["--ckpt-format", "torch_dist", *moe], ds_heads),
         ("mid-4L", "TP2 PP1, default budget", ["--target-tensor-parallel-size", "2"], mid_heads),
         ("mid-16L", "TP2 PP1, default budget", ["--target-tensor-parallel-size", "2"], mid_heads),
     ]
@@ -212,8 +228,11 @@ def main(argv=None) -> int:
         predicted = next((ln.split("predicted peak")[1].strip() for ln in plan.splitlines() if "predicted peak" in ln), "?")
         state = warm(src)
         summary_path = os.path.join(a.work, "summary.json")
-        r = timed([py, "-m", "streamconv", "convert", *base, "--quiet", "--json-summary", summary_path])
+        launch = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] \
+            if label.startswith(WORKERS) else [py]
+        r = timed([*launch, "-m", "streamconv", "convert", *base, "--quiet", "--json-summary", summary_path])
         s = json.load(open(summary_path))
+        workers = s.get("per_worker") or []
         check = "skipped"
         if not a.no_verify:
             budget = flags[flags.index("--max-memory"):][:2] if "--max-memory" in flags else []
@@ -228,9 +247,12 @@ def main(argv=None) -> int:
             "predicted_mib": round(s["predicted_peak_bytes"] / 2**20),
             "read_gib": round(s["read_bytes"] / GIB, 2), "written_gib": round(s["output_bytes"] / GIB, 2),
             "cache": state, "check": check,
+            "worker_peaks_mib": [round(w["peak_rss_bytes"] / 2**20) for w in workers],
         }
         rows.append(row)
         results["rows"].append(row)
+        if workers:
+            row["peak_rss_mib"] = max(row["worker_peaks_mib"])  # per worker: --max-memory is per worker
         print(f"# {name} {label}: {row['wall_s']} s (cp {row['cp_s']} s), peak {row['peak_rss_mib']} MiB "
               f"/ budget {row['budget_mib']} MiB (predicted {predicted}), {check}", file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True)

@@ -66,7 +66,10 @@ def _with(argv: list, **flags) -> list:
 
 # -- the legacy side, by hand ------------------------------------------------------------------
 
-torch.serialization.add_safe_globals([argparse.Namespace])
+def _load(path: str):
+    """torch.load with weights_only, allowing only the args Namespace (no global state changed)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, weights_only=True)
 
 _REPLICATED = re.compile(r".*(layernorm\.|layer_norm_)(weight|bias)|.*linear_(proj|fc2)\.bias")
 _ROW_PARALLEL = re.compile(r".*linear_(proj|fc2)\.weight")
@@ -86,8 +89,7 @@ def legacy_globals(save: str):
     files = {}
     for d in sorted(os.listdir(it)):
         m = re.fullmatch(r"mp_rank_(\d\d)(?:_(\d\d\d))?", d)
-        files[(int(m.group(1)), int(m.group(2) or 0))] = torch.load(os.path.join(it, d, "model_optim_rng.pt"),
-                                                                    weights_only=True)
+        files[(int(m.group(1)), int(m.group(2) or 0))] = _load(os.path.join(it, d, "model_optim_rng.pt"))
     args = next(iter(files.values()))["args"]
     tp, pp, L = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.num_layers
     assert set(files) == {(t, p) for t in range(tp) for p in range(pp)}
@@ -155,7 +157,7 @@ def dist_globals(save: str):
         if not isinstance(v, torch.Tensor):
             assert isinstance(v, list) and len(v) == 1, k  # Megatron's list of one local object
             objects[k] = v[0]
-    common = torch.load(os.path.join(d, "common.pt"), weights_only=True)
+    common = _load(os.path.join(d, "common.pt"))
     return common, tensors, objects, md
 
 
