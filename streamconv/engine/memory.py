@@ -1,12 +1,14 @@
 """The memory model: what the process costs at rest, and how big a stream block may be.
 
 Peak resident memory of a conversion is the interpreter with its libraries (the
-*floor*, measured, not guessed) plus the stream's working set: one mapped source
-block, an aligned staging copy for misaligned tensors, and the output buffers in
-flight between the converter and the writer. Every one of them holds at most
-one *block* of ``block_bytes``, so the block size follows from the budget:
-``block = (budget - floor - margin) / BLOCKS_IN_FLIGHT``. The same formula gives
-the prediction ``streamconv plan`` prints and the smallest budget that works.
+*floor*, measured, not guessed) plus the stream's working set: the output
+buffers in flight between the converter and the writer, each one *block* of
+``block_bytes``, and the staging buffer source rows are read into (``preadv``,
+one cache-sized :data:`READ_CHUNK` at a time, or one row if a row is larger;
+the page cache is not part of the process). So the block size follows from the
+budget: ``block = (budget - floor - margin - staging) / OUTPUT_BUFFERS``. The
+same formula gives the prediction ``streamconv plan`` prints and the smallest
+budget that works.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from ..core.sizes import human
 
 #: output buffers in the queue + one being filled + one being written
 OUTPUT_BUFFERS = 4
-#: + the mapped source block + the staging copy for misaligned tensors
-BLOCKS_IN_FLIGHT = OUTPUT_BUFFERS + 2
+#: source bytes read and cast at a time: small enough that the cast reads them from the CPU cache
+READ_CHUNK = 2 * 2**20
 #: threads, allocator slack, progress bar, plan objects
 MARGIN = 48 * 2**20
 #: the floor is measured anew by each process and varies by a fraction of a MiB
@@ -55,10 +57,19 @@ def default_budget(largest_layer_source_bytes: int) -> int:
     return int(1.25 * largest_layer_source_bytes) + DEFAULT_HEADROOM
 
 
+def staging_bytes(max_row: int) -> int:
+    """The staging buffer: a read chunk, or the largest source row if that is larger."""
+    return max(READ_CHUNK, max_row)
+
+
 def plan_blocks(budget: int, floor: int, min_block: int, largest_tensor: int, explicit: bool) -> tuple:
-    """Return (block_bytes, predicted_peak) for ``budget``; refuse a budget below the floor."""
+    """Return (block_bytes, predicted_peak) for ``budget``; refuse a budget below the floor.
+
+    ``min_block`` is the largest source row (a block holds at least one row).
+    """
+    staging = staging_bytes(min_block)
     min_block = max(min_block, 64 * 1024)
-    smallest = floor + MARGIN + BLOCKS_IN_FLIGHT * min_block
+    smallest = floor + MARGIN + staging + OUTPUT_BUFFERS * min_block
     if budget < smallest:
         if explicit:
             raise FlagError(
@@ -67,9 +78,9 @@ def plan_blocks(budget: int, floor: int, min_block: int, largest_tensor: int, ex
                 f"the smallest budget that works is {-(-(smallest + FLOOR_JITTER) // 2**20)}MiB"
             )
         budget = smallest
-    block = (budget - floor - MARGIN) // BLOCKS_IN_FLIGHT
+    block = (budget - floor - MARGIN - staging) // OUTPUT_BUFFERS
     block = min(block, MAX_BLOCK, max(largest_tensor, min_block))
     block = max(block, min_block)
     block -= block % 4096 if block > 4096 else 0
-    predicted = floor + MARGIN + BLOCKS_IN_FLIGHT * block
+    predicted = floor + MARGIN + staging + OUTPUT_BUFFERS * block
     return block, predicted

@@ -68,6 +68,10 @@ class Plan:
         """Bytes of the data files (the final files add a few bytes more)."""
         return sum(f.size for f in self.files)
 
+    def input_identity(self) -> dict:
+        """abspath -> (size, mtime_ns, inode) of every input file as planned (the stream checks it)."""
+        return {f: tuple(ident) for f, *ident in self.input_fp}
+
     def fingerprint(self) -> dict:
         """What must be equal for ``--resume`` to continue a run."""
         opts = self.options.fingerprint()
@@ -123,7 +127,7 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
         specs = stage_entries(cfg, index.tensors, p, sizes.pp, o.saver_transformer_impl, layouts)
         ranks = [RankEntries(c, [resolve(s, Rank(c, sizes)) for s in specs]) for c in stage_ranks(sizes, p)]
         stages.append(StagePlan(p, stage_layers(cfg, sizes.pp, p), ranks))
-    seed = [seed_opts, [(os.path.basename(f), sz) for f, sz, _ in input_fp]]
+    seed = [seed_opts, [(os.path.basename(f), sz) for f, sz, *_ in input_fp]]
     fplan = fmt.plan(PlanInput(stages, sizes, args, seed))
 
     src = index.tensors

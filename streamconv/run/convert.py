@@ -119,7 +119,8 @@ def write_files(plan: Plan, sd: SaveDir, progress: Progress, mine=None) -> list:
     fmt = plan.format
     todo_files = [f for f in plan.files if f.relpath not in sd.done and (mine is None or f.relpath in mine)]
     progress.start(sum(f.data_bytes for f in todo_files))
-    streamer = Streamer(plan.block_bytes, on_bytes=progress.update, on_read=progress.read)
+    streamer = Streamer(plan.block_bytes, on_bytes=progress.update, on_read=progress.read,
+                        expect=plan.input_identity())
     committer = _Committer(sd)
     current: list = []
     finished = False

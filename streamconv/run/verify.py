@@ -172,7 +172,7 @@ def verify_plan(plan: Plan, progress: Progress | None = None) -> VerifyReport:
 
     report = VerifyReport()
     _check_layout(plan, report)
-    streamer = Streamer(plan.block_bytes)
+    streamer = Streamer(plan.block_bytes, expect=plan.input_identity())
     try:
         for group in plan.groups:
             writers = {}

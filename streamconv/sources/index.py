@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ..core.errors import InputError
 from .header import read_header
 from .locate import locate
+from .mapped import file_identity
 from .schemes import SCHEMES, EntryClass, classify
 from .tensor import Skipped, SourceTensor
 
@@ -43,11 +44,16 @@ class SourceIndex:
         return sum(t.nbytes for t in self.tensors.values())
 
     def fingerprint(self) -> list:
-        """What identifies this input for ``--resume``: files with size and mtime."""
+        """What identifies this input for ``--resume``: files with size, mtime and inode.
+
+        The inode tells a file replaced by another of the same size and time (a
+        copy renamed into place); the stream checks the same identity when it
+        opens each file, so a file changed after planning is refused.
+        """
         out = []
         for p in self.files:
             st = os.stat(p)
-            out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+            out.append([os.path.abspath(p), *file_identity(st)])
         return out
 
 

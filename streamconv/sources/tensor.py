@@ -7,8 +7,8 @@ as an identity (two pieces that read the same tensor's same rows are the same
 read).
 
 It is also how the stream reads: :meth:`SourceTensor.read` returns a block of
-rows and :meth:`SourceTensor.spans` the file byte ranges behind them (to
-populate, prefetch and release pages). A tensor stored differently — cut into
+rows (read into the caller's staging buffer) and :meth:`SourceTensor.spans`
+the file byte ranges behind them (to prefetch them and count bytes read). A tensor stored differently — cut into
 slices over several files, as per-rank training output is — is another class
 with the same five members (``shape``, ``dtype``, ``itemsize``, ``read``,
 ``spans``), and nothing downstream changes.
@@ -52,7 +52,7 @@ class SourceTensor:
         return [(self.path, *byte_span(self.info, start, stop))]
 
     def read(self, files, start: int, stop: int, step: int = 1, col0: int = 0, col1=None, staging=None):
-        """Rows ``start:stop:step``, columns ``col0:col1`` as a 2-D numpy array (a view where possible)."""
+        """Rows ``start:stop:step``, columns ``col0:col1`` as a 2-D numpy array (a view of ``staging``)."""
         from .mapped import read_rows
 
         return read_rows(files, self.path, self.info, start, stop, step, col0, col1, staging)
