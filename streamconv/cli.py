@@ -23,6 +23,7 @@ from dataclasses import fields
 
 from . import __version__
 from .core.errors import FlagError, StreamconvError, VerifyMismatch
+from .core.interrupts import InterruptGuard
 from .core.options import FC1_LAYOUTS, QKV_LAYOUTS, TRANSFORMER_IMPLS, ConvertOptions
 from .core.sizes import parse_size
 
@@ -54,12 +55,13 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
                    "index/param_name_map.json, a unified directory or mindformers' iteration output")
     g.add_argument("--save-dir", required=True, help="directory for the Megatron-LM checkpoint")
     lay = p.add_argument_group("source layouts (mindformers' training options)")
-    lay.add_argument("--fc1-layout", choices=FC1_LAYOUTS, default="interleaved",
+    lay.add_argument("--fc1-layout", choices=FC1_LAYOUTS, default=None,
                      help="gated linear_fc1 row layout: 'interleaved' = use_interleaved_weight_layout_mlp: True "
-                          "(mindformers default), 'concat' = [gate; up]")
-    lay.add_argument("--qkv-layout", choices=QKV_LAYOUTS, default="grouped",
+                          "(mindformers default, assumed when not given), 'concat' = [gate; up]")
+    lay.add_argument("--qkv-layout", choices=QKV_LAYOUTS, default=None,
                      help="linear_qkv row layout: 'grouped' = per query group [q;k;v] (mindformers default "
-                          "use_contiguous_weight_layout_attention: False), 'contiguous' = [all Q; all K; all V]")
+                          "use_contiguous_weight_layout_attention: False, assumed when not given), "
+                          "'contiguous' = [all Q; all K; all V]")
     if verify:
         return
     o = p.add_argument_group("official convert.py flags")
@@ -161,7 +163,12 @@ def options_from_args(a: argparse.Namespace) -> ConvertOptions:
         raise _flag_error(f"--saver {a.saver}: streamconv writes Megatron-LM core checkpoints (--saver core)")
     # every flag whose dest is an option field carries over as is; the few that need work follow
     given = {f.name: getattr(a, f.name) for f in fields(ConvertOptions) if hasattr(a, f.name)}
+    stated = tuple(k for k in ("fc1_layout", "qkv_layout") if given.get(k) is not None)
+    for k in ("fc1_layout", "qkv_layout"):
+        if given.get(k) is None:
+            given.pop(k, None)  # not given: the default layout, assumed (and said so)
     given.update(
+        stated=stated,
         loader_transformer_impl=a.loader_transformer_impl or "local",
         max_memory=parse_size(a.max_memory) if a.max_memory else None,
         notices=notices,
@@ -204,26 +211,26 @@ def _main(argv: list) -> int:
         from .engine.describe import describe
         from .engine.plan import build_plan
 
+        from .run.savedir import describe_save_dir
+
         o = options_from_args(a)
         plan = build_plan(o)
         print(describe(plan))
+        for line in describe_save_dir(plan):
+            print(f"save dir {line}")
         return 0
     # verify
     from .engine.memory import peak_rss
     from .run.verify import verify
 
-    base = ConvertOptions(load_dir=a.load_dir, fc1_layout=a.fc1_layout, qkv_layout=a.qkv_layout,
-                          max_memory=parse_size(a.max_memory) if a.max_memory else None)
+    layouts = {k: getattr(a, k) for k in ("fc1_layout", "qkv_layout") if getattr(a, k) is not None}
+    base = ConvertOptions(load_dir=a.load_dir, max_memory=parse_size(a.max_memory) if a.max_memory else None,
+                          **layouts)
     report = verify(a.load_dir, a.save_dir, base)
     d = report.as_dict()
     d["peak_rss_bytes"] = peak_rss()
     _write_json(a.json_summary, d)
-    for where, what in report.problems:
-        print(f"MISMATCH {where}: {what}")
-    if not a.quiet:
-        print(f"streamconv verify: {report.files_checked} rank files, {report.tensors_checked} tensors, "
-              f"{report.bytes_compared / 2**20:.1f} MiB compared: "
-              + ("OK" if report.ok else f"{len(report.problems)} problem(s)"))
+    Progress(quiet=a.quiet).verified(report)
     if not report.ok:
         raise VerifyMismatch(f"{a.save_dir} does not match a conversion of {a.load_dir}: "
                              f"{len(report.problems)} problem(s) listed above")
@@ -232,6 +239,13 @@ def _main(argv: list) -> int:
 
 def main(argv: list | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The first Ctrl-C / SIGTERM interrupts; any later one is ignored, also while the process exits
+    # (a second signal during the cleanup, or in torch's atexit handlers, would print a traceback).
+    with InterruptGuard(keep_after_interrupt=True):
+        return _run(argv)
+
+
+def _run(argv: list) -> int:
     debug = "--debug" in argv
     try:
         return _main(argv)
@@ -244,7 +258,7 @@ def main(argv: list | None = None) -> int:
         print(f"streamconv: error: {e} (see '{e.prog} --help')", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("streamconv: interrupted", file=sys.stderr)
+        print("streamconv: error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - last line of defence: one line, not a traceback
         if debug:

@@ -59,7 +59,7 @@ QKV_LAYOUTS = QkvLayout.values()
 TRANSFORMER_IMPLS = TransformerImpl.values()
 
 #: options that do not change the output bytes (not part of a run's identity)
-RUNTIME_FIELDS = ("save_dir", "max_memory", "overwrite", "resume", "verify", "quiet", "notices",
+RUNTIME_FIELDS = ("save_dir", "max_memory", "overwrite", "resume", "verify", "quiet", "notices", "stated",
                   "loader_transformer_impl")
 
 
@@ -109,6 +109,8 @@ class ConvertOptions:
     verify: bool = False
     quiet: bool = False
     notices: list = field(default_factory=list)
+    # option fields the user gave explicitly (the CLI fills it): a stated layout is not an assumption
+    stated: tuple = ()
     # -- added after the first release: part of a run's identity only when not at their default,
     # so that a first-version command line still produces byte-identical files --
     target_expert_tensor_parallel_size: int | None = None

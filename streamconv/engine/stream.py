@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..core.background import BackgroundWorker
+from ..core.interrupts import checkpoint
 from ..megatron.entries import EntryKind, OutDtype
 from ..core.shapes import as_matrix
 from ..sources.mapped import SourceFiles, aligned_buffer
@@ -54,8 +55,9 @@ class Streamer:
         self.on_read = on_read
         torch.set_num_threads(1)  # one converter thread; the other core writes
 
-    def close(self):
-        self.worker.stop(cancel=self.worker.error is not None)
+    def close(self, cancel: bool = False):
+        """End the writer thread: after its queued work, or (``cancel``, or after an error) skipping it."""
+        self.worker.stop(cancel=cancel or self.worker.error is not None)
         self.files.close()
 
     # -- entry point ---------------------------------------------------------------
@@ -109,7 +111,9 @@ class Streamer:
         self.worker.submit(self._deliver, writers, buf, n, after=lambda: self.pool.put(buf))
 
     def _take(self) -> torch.Tensor:
+        """A free output buffer; also where an interrupt is taken (once per block, see core.interrupts)."""
         while True:
+            checkpoint()
             try:
                 return self.pool.get(timeout=0.5)
             except queue.Empty:

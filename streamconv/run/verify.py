@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.errors import InputError, PathError
+from ..core.interrupts import deferred
 from ..core.options import ConvertOptions, TransformerImpl
 from ..core.pages import release
 from ..engine import memory
@@ -26,7 +27,8 @@ from ..formats import FORMATS, get_format
 from ..formats.base import FileWriter
 from ..megatron.args import OPTIONS_IN_ARGS
 from ..megatron.files import ITERATION_DIR
-from .progress import Progress
+from ..core.sizes import human
+from .progress import Progress, plural
 from .savedir import BOOKKEEPING, TEMP_SUFFIX
 
 
@@ -43,6 +45,17 @@ class VerifyReport:
 
     def add(self, where: str, what: str) -> None:
         self.problems.append((where, what))
+
+    def lines(self) -> list:
+        """One line per mismatch, by file and key."""
+        return [f"MISMATCH {where}: {what}" for where, what in self.problems]
+
+    def verdict(self) -> str:
+        """What was compared, and the outcome, in one line."""
+        what = (f"{plural(self.files_checked, 'rank file')} (layout, keys, args) and "
+                f"{plural(self.tensors_checked, 'tensor')} ({human(self.bytes_compared)}) compared with a fresh "
+                "conversion of the input")
+        return f"{what}: " + ("OK" if self.ok else f"{plural(len(self.problems), 'problem')}")
 
     def as_dict(self) -> dict:
         return {"ok": self.ok, "problems": [f"{w}: {m}" for w, m in self.problems],
@@ -126,9 +139,13 @@ def _check_layout(plan: Plan, report: VerifyReport) -> None:
         for name in sorted(names):
             if name.endswith(TEMP_SUFFIX):
                 report.add(os.path.relpath(os.path.join(d, name), root), "leftover temporary file")
-    for rel in plan.format.own_files(root):
-        if rel not in want:
-            report.add(rel, "rank file not expected for this TP/PP/EP layout")
+    seen = set()
+    for name in FORMATS:  # another format's files in the same directory are leftovers too
+        for rel in get_format(name).own_files(root):
+            if rel not in want and rel not in seen:
+                seen.add(rel)
+                report.add(rel, "rank file not expected for this TP/PP/EP layout and format (a leftover of "
+                                "another conversion?)")
     for rel in sorted(want):
         if not os.path.isfile(os.path.join(root, rel)):
             report.add(rel, "missing")
@@ -168,6 +185,11 @@ def options_from_output(load_dir: str, save_dir: str, base: ConvertOptions | Non
 
 def verify_plan(plan: Plan, progress: Progress | None = None) -> VerifyReport:
     """Compare the save directory of ``plan`` with a fresh conversion of its source."""
+    with deferred():  # the stream hands work to a thread: interrupts are taken once per block
+        return _verify_plan(plan)
+
+
+def _verify_plan(plan: Plan) -> VerifyReport:
     from ..engine.stream import Streamer  # imports torch
 
     report = VerifyReport()
