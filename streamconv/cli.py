@@ -68,65 +68,81 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     o.add_argument("--model-type", choices=["GPT"], default="GPT", help="only GPT models are converted")
     o.add_argument("--loader", default="core_mf", help="must be core_mf (MindSpore Transformers safetensors)")
     o.add_argument("--saver", default="core", help="must be core (or mcore): Megatron-LM core legacy checkpoint")
-    o.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP")
-    o.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP")
+    o.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP",
+                   help="tensor-parallel size of the output (default 1)")
+    o.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP",
+                   help="pipeline-parallel size of the output (default 1); must divide the layers")
     o.add_argument("--target-expert-parallel-size", type=int, default=1, help="must be 1 (dense models)")
     o.add_argument("--saver-transformer-impl", choices=TRANSFORMER_IMPLS, default="transformer_engine",
                    help="key names of the output (official default: transformer_engine)")
     o.add_argument("--loader-transformer-impl", choices=TRANSFORMER_IMPLS, default=None,
                    help="accepted for compatibility; does not change the output")
-    o.add_argument("--position-embedding-type", choices=["rope", "none", "learned_absolute"], default="rope",
-                   help="rope (default here; the official loader defaults to learned_absolute, which "
-                        "mindformers GPT checkpoints do not have)")
+    o.add_argument("--position-embedding-type", metavar="{rope,none}", default="rope",
+                   help="rope (default here) or none; the official loader's default learned_absolute is "
+                        "refused: mindformers GPT checkpoints have no learned position embeddings")
     o.add_argument("--true-vocab-size", type=int, help="real vocabulary size: the table is padded/trimmed to "
                    "a multiple of 128 x TP (Megatron's rule)")
     o.add_argument("--vocab-file", help="JSON vocabulary; its length is the true vocab size")
     o.add_argument("--padded-vocab-size", type=int, help="accepted; must equal the embedding rows unless "
                    "--true-vocab-size is given (then it is recomputed)")
-    o.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    o.add_argument("--num-layers", type=int)
+    o.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="vocab padding unit per TP rank (default 128), as in Megatron")
+    o.add_argument("--num-layers", type=int, help="transformer layers (inferred; checked if given)")
     o.add_argument("--seq-length", type=int, default=2048, help="sequence length stored in args (default 2048)")
     o.add_argument("--max-position-embeddings", type=int,
                    help="default: 2048, or --seq-length when that is larger")
-    o.add_argument("--hidden-size", type=int)
-    o.add_argument("--ffn-hidden-size", type=int)
-    o.add_argument("--num-attention-heads", type=int)
-    o.add_argument("--num-query-groups", type=int)
+    o.add_argument("--hidden-size", type=int, help="hidden size (inferred; checked if given)")
+    o.add_argument("--ffn-hidden-size", type=int, help="MLP hidden size (inferred; checked if given)")
+    o.add_argument("--num-attention-heads", type=int,
+                   help="attention heads: needed unless the model has q/k-layernorm (the shapes cannot tell)")
+    o.add_argument("--num-query-groups", type=int, help="GQA key/value groups (inferred; checked if given)")
     o.add_argument("--kv-channels", type=int, help="head dim (inferred from q_layernorm or hidden/heads)")
     o.add_argument("--group-query-attention", action="store_true", help="accepted; inferred from the shapes")
-    o.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"])
-    o.add_argument("--add-bias-linear", action="store_true")
-    o.add_argument("--add-qkv-bias", action="store_true")
-    o.add_argument("--swiglu", action="store_true")
+    o.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"],
+                   help="norm kind (inferred from the presence of norm biases; checked if given)")
+    o.add_argument("--add-bias-linear", action="store_true", help="linear biases (inferred; checked if given)")
+    o.add_argument("--add-qkv-bias", action="store_true", help="qkv bias only, Qwen2 style (inferred; checked)")
+    o.add_argument("--swiglu", action="store_true", help="gated MLP (inferred from linear_fc1's rows; checked)")
     o.add_argument("--qk-layernorm", action="store_true", help="Qwen3-style q/k layernorm (also inferred)")
     o.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="accepted; inferred from the presence of output_layer.weight")
-    o.add_argument("--tokenizer-type", default="HuggingFaceTokenizer")
+    o.add_argument("--tokenizer-type", default="HuggingFaceTokenizer",
+                   help="stored in args (default HuggingFaceTokenizer)")
     a = p.add_argument_group("values stored in args that the weights cannot tell (Megatron's flag names; "
                              "defaults are what the official pipeline writes)")
     a.add_argument("--rotary-base", type=int, default=10000, help="rope base (Llama 3: 500000, Qwen3: 1000000)")
-    a.add_argument("--rotary-percent", type=float, default=1.0)
-    a.add_argument("--rotary-interleaved", action="store_true")
-    a.add_argument("--attention-dropout", type=float, default=0.1)
-    a.add_argument("--hidden-dropout", type=float, default=0.1)
+    a.add_argument("--rotary-percent", type=float, default=1.0, help="fraction of the head dim rotated (default 1.0)")
+    a.add_argument("--rotary-interleaved", action="store_true", help="interleaved rope (default: off)")
+    a.add_argument("--attention-dropout", type=float, default=0.1, help="stored in args (default 0.1)")
+    a.add_argument("--hidden-dropout", type=float, default=0.1, help="stored in args (default 0.1)")
     o.add_argument("--megatron-path", help=argparse.SUPPRESS)
     o.add_argument("--ms2torch-ckpt-path", help=argparse.SUPPRESS)
     o.add_argument("--max-queue-size", type=int, help=argparse.SUPPRESS)
     o.add_argument("--no-checking", action="store_true", help=argparse.SUPPRESS)
 
 
-def _run_flags(p: argparse.ArgumentParser) -> None:
-    """Run flags; ``plan`` accepts them too (so a convert command line can be planned as is)."""
+def _run_flags(p: argparse.ArgumentParser, plan: bool = False) -> None:
+    """Run flags; ``plan`` accepts them too (so a convert command line can be planned as is).
+
+    For ``plan`` the flags that only change what ``convert`` does are accepted but
+    not offered in its help: ``--overwrite``/``--resume`` change what plan says
+    convert would do with the save directory, the others are ignored.
+    """
+    def hidden(text):
+        return argparse.SUPPRESS if plan else text
+
     r = p.add_argument_group("streamconv")
     r.add_argument("--max-memory", metavar="SIZE",
                    help="hard ceiling on peak resident memory, e.g. 2GiB or 1500MB (default: about one layer)")
     r.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty save directory, replacing its checkpoint files")
+                   help=hidden("write into a non-empty save directory: replaces the checkpoint, removes the rank "
+                               "files of an earlier conversion it does not rewrite, keeps every other file"))
     r.add_argument("--resume", action="store_true",
-                   help="finish an interrupted run in --save-dir (same flags and input)")
-    r.add_argument("--verify", action="store_true", help="run 'streamconv verify' after converting")
-    r.add_argument("--quiet", action="store_true", help="no progress output")
-    r.add_argument("--json-summary", metavar="FILE", help="write the run's figures as JSON")
+                   help=hidden("finish an interrupted run in --save-dir (same flags and input)"))
+    r.add_argument("--verify", action="store_true", help=hidden("run 'streamconv verify' after converting"))
+    r.add_argument("--quiet", action="store_true",
+                   help=hidden("no progress output (assumptions that can make the output wrong are still said)"))
+    r.add_argument("--json-summary", metavar="FILE", help=hidden("write the run's figures as JSON"))
     r.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -140,15 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a checkpoint (the official convert.py flags work here)")
     _model_flags(c)
     _run_flags(c)
-    pl = sub.add_parser("plan", help="read only the headers and print the schedule; writes nothing")
+    pl = sub.add_parser("plan", help="read only the headers and print the schedule; writes nothing",
+                        description="Read only the headers and print the schedule, and what convert would do with "
+                                    "--save-dir (and its free space). Writes nothing. Every convert flag is "
+                                    "accepted, so a convert command line can be planned as is; with --overwrite "
+                                    "or --resume it says what convert would do with them.")
     _model_flags(pl)
-    _run_flags(pl)
+    _run_flags(pl, plan=True)
     v = sub.add_parser("verify", help="recompute every output tensor from the source and compare")
     _model_flags(v, verify=True)
-    v.add_argument("--max-memory", metavar="SIZE")
-    v.add_argument("--json-summary", metavar="FILE")
-    v.add_argument("--quiet", action="store_true")
-    v.add_argument("--debug", action="store_true")
+    v.add_argument("--max-memory", metavar="SIZE", help="hard ceiling on peak resident memory (as for convert)")
+    v.add_argument("--json-summary", metavar="FILE", help="write the findings as JSON")
+    v.add_argument("--quiet", action="store_true", help="print only mismatches, not the verdict line")
+    v.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -161,6 +181,9 @@ def options_from_args(a: argparse.Namespace) -> ConvertOptions:
         raise _flag_error(f"--loader {a.loader}: streamconv reads MindSpore Transformers safetensors (--loader core_mf)")
     if a.saver not in ("core", "mcore"):
         raise _flag_error(f"--saver {a.saver}: streamconv writes Megatron-LM core checkpoints (--saver core)")
+    if a.position_embedding_type not in ("rope", "none"):
+        raise _flag_error(f"--position-embedding-type {a.position_embedding_type}: mindformers GPT checkpoints have "
+                          "no learned position embeddings; use rope (the default here) or none")
     # every flag whose dest is an option field carries over as is; the few that need work follow
     given = {f.name: getattr(a, f.name) for f in fields(ConvertOptions) if hasattr(a, f.name)}
     stated = tuple(k for k in ("fc1_layout", "qkv_layout") if given.get(k) is not None)

@@ -273,8 +273,10 @@ class SaveDir:
     :meth:`temp_path`, :meth:`commit` and :meth:`discard_temp` for its own files.
     """
 
-    def __init__(self, root: str, fingerprint: dict, files: dict, fmt, options, groups=(), final_files=()):
+    def __init__(self, root: str, fingerprint: dict, files: dict, fmt, options, groups=(), final_files=(),
+                 sample=None):
         self.root = root
+        self.sample = sample  # () -> first difference between a sample of the files and the input, or None
         self.fp = fingerprint
         self.files = files
         self.fmt = fmt
@@ -294,8 +296,13 @@ class SaveDir:
     @classmethod
     def for_plan(cls, plan) -> "SaveDir":
         files = {f.relpath: f for f in plan.files}
+        def sample():
+            from .verify import sample_mismatch  # verify imports this module
+
+            return sample_mismatch(plan)
+
         return cls(plan.options.save_dir, plan.fingerprint(), files, plan.format, plan.options,
-                   [g.files for g in plan.groups], plan.final_files)
+                   [g.files for g in plan.groups], plan.final_files, sample)
 
     # -- what a run would do -----------------------------------------------------------
     def assess(self, explain: bool = False) -> Assessment:
@@ -423,6 +430,11 @@ class SaveDir:
                 if not self.fmt.matches_plan(os.path.join(root, rel), f, check_data=check_data):
                     return (f"{rel} differs from this conversion's file (other flags or input)" if not check_data
                             else f"{rel} is damaged (its data does not match its CRCs)")
+        if self.sample is not None:
+            # same names, sizes and flags can still be another checkpoint of the same model (a fine-tune)
+            diff = self.sample()
+            if diff:
+                return f"its tensors are not this input's ({diff})"
         return None
 
     def _own_files(self) -> list:

@@ -24,8 +24,9 @@ from ..core.pages import release
 from ..engine import memory
 from ..engine.plan import Plan, build_plan
 from ..formats import FORMATS, get_format
-from ..formats.base import FileWriter
+from ..formats.base import FileWriter, StreamGroup
 from ..megatron.args import OPTIONS_IN_ARGS
+from ..megatron.entries import EntryKind
 from ..megatron.files import ITERATION_DIR
 from ..core.sizes import human
 from .progress import Progress, plural
@@ -217,6 +218,53 @@ def _verify_plan(plan: Plan) -> VerifyReport:
     finally:
         streamer.close()
     return report
+
+
+def _sampled(e) -> bool:
+    """The entries :func:`sample_mismatch` compares: every 1-D tensor (norms, biases) and all of layer 0's."""
+    return e.kind is EntryKind.TENSOR and (len(e.shape) == 1 or e.key.startswith(_LAYER0))
+
+
+_LAYER0 = "decoder.layers.0."
+
+
+def sample_mismatch(plan: Plan) -> str | None:
+    """Compare a sample of every planned file's tensors with a fresh conversion of the input.
+
+    The sample is every 1-D tensor (the norms and biases of every layer) and every
+    tensor of each stage's first layer: the checkpoint a fine-tune (full, or
+    adapters merged into every layer) made from the same base model, with the same
+    file names and sizes, differs there. It reads a small part of the input.
+    Returns the first difference, or None.
+    """
+    report = VerifyReport()
+    with deferred():
+        from ..engine.stream import Streamer  # imports torch
+
+        streamer = Streamer(plan.block_bytes, expect=plan.input_identity())
+        try:
+            for group in plan.groups:
+                steps = [[(i, e) for i, e in step if _sampled(e)] for step in group.steps]
+                sub = StreamGroup(group.index, group.layers, group.files, [s for s in steps if s])
+                writers = {}
+                try:
+                    for i, f in enumerate(group.files):
+                        path = os.path.join(plan.options.save_dir, f.relpath)
+                        writers[i] = _CompareWriter(f.relpath, path, plan.format.open_reader(path, f), report)
+                    streamer.run_group(sub, writers)
+                except Exception as e:  # noqa: BLE001 - an unreadable file is a difference, not a crash
+                    if isinstance(e, InputError):
+                        raise
+                    report.add(group.files[0].relpath, f"unreadable ({type(e).__name__})")
+                finally:
+                    for w in writers.values():
+                        w.close()
+                if report.problems:
+                    where, what = report.problems[0]
+                    return f"{where}: {what}"
+        finally:
+            streamer.close()
+    return None
 
 
 def verify(load_dir: str, save_dir: str, base: ConvertOptions | None = None,
