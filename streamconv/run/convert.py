@@ -160,15 +160,16 @@ def execute(plan: Plan, progress: Progress, sd: SaveDir | None = None) -> dict:
     """Coordinator and only worker: write every file of ``plan`` not already finished; return the figures."""
     t0 = time.monotonic()
     sd = sd or SaveDir.for_plan(plan)
-    try:
-        sd.open()
-    except OSError as e:
-        raise write_error(e, os.path.join(plan.options.save_dir, ".streamconv")) from None
-    for n in sd.notes:
-        progress.note(n)
-    kept = list(sd.kept)
     finished = False
     try:
+        try:
+            with deferred():  # preparing the directory (lock, cleanup, run record) is not cut halfway
+                sd.open()
+        except OSError as e:
+            raise write_error(e, os.path.join(plan.options.save_dir, ".streamconv")) from None
+        for n in sd.notes:
+            progress.note(n)
+        kept = list(sd.kept)
         written = write_files(plan, sd, progress)
         try:
             with deferred():  # tracker and bookkeeping removal: an interrupt waits for them
@@ -234,13 +235,16 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> dict:
     progress = progress or Progress(silent=True)
     t0 = time.monotonic()
     with InterruptGuard():
-        check_paths(options.load_dir, options.save_dir, options.overwrite, options.resume)
-        from ..sources import prefetch
+        try:
+            check_paths(options.load_dir, options.save_dir, options.overwrite, options.resume)
+            from ..sources import prefetch
 
-        plan = build_plan(options, on_source=prefetch.start)
-        sd = SaveDir.for_plan(plan)
-        a = sd.check(paths_checked=True)  # every refusal (and the free space), before anything is announced
-        progress.announce(plan)
+            plan = build_plan(options, on_source=prefetch.start)
+            sd = SaveDir.for_plan(plan)
+            a = sd.check(paths_checked=True)  # every refusal (and the free space), before anything is announced
+            progress.announce(plan)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted before anything was written to {options.save_dir}") from None
         if a.action == "nothing":
             summary = _nothing_to_do(plan, t0)
         else:
@@ -250,7 +254,11 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> dict:
         if options.verify:
             from .verify import verify_plan
 
-            report = verify_plan(plan, progress=progress)
+            try:
+                report = verify_plan(plan, progress=progress)
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted while verifying; the conversion in {options.save_dir} is "
+                                  "complete (run 'streamconv verify' to check it)") from None
             summary["verify"] = report.as_dict()
             progress.verified(report)
             if not report.ok:
