@@ -296,6 +296,7 @@ class SaveDir:
     @classmethod
     def for_plan(cls, plan) -> "SaveDir":
         files = {f.relpath: f for f in plan.files}
+
         def sample():
             from .verify import sample_mismatch  # verify imports this module
 
