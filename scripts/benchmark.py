@@ -6,6 +6,9 @@ never held in memory, cached between runs) this measures:
 
 * ``cp -r INPUT`` (and the ``sync`` after it): the disk-speed baseline;
 * ``streamconv convert`` under several budgets and TP/PP settings;
+* the same 70B-shaped model as per-rank training output (TP 8 rank files and a
+  JSON strategy, written by scripts/synth_dist.py), converted with no merge
+  step, against ``cp -r`` of its rank files;
 
 reporting wall time, peak resident memory of the whole process tree as the
 kernel counts it (``wait4`` ru_maxrss, i.e. VmHWM, file-backed mapped pages
@@ -15,7 +18,7 @@ peak from ``streamconv plan``. Every conversion is then checked with
 cache is dropped (when allowed) and the disk is left to settle after ``sync``. Results go to stdout as a
 Markdown table and to ``WORK/results.json``.
 
-    python scripts/benchmark.py --work /data/bench            # the full set (about 45 GB of disk)
+    python scripts/benchmark.py --work /data/bench            # the full set (about 60 GB of disk)
     python scripts/benchmark.py --work /tmp/b --quick         # small shapes, a minute
 """
 
@@ -29,55 +32,98 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace, dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import synth  # noqa: E402
+import synth_dist  # noqa: E402
 
 GIB = 2**30
 
 
+@dataclass
+class DistInput:
+    """``spec`` cut into ``tp`` per-rank slices (training output layout) by scripts/synth_dist.py."""
+
+    spec: synth.ModelSpec
+    tp: int = 8
+
+
 def inputs(quick: bool) -> dict:
     if quick:
+        small = synth.ModelSpec(layers=2, hidden=2048, ffn=7168, heads=16, groups=2, vocab=32064, files=2)
         return {
-            "l70-shapes-small": synth.ModelSpec(layers=2, hidden=2048, ffn=7168, heads=16, groups=2, vocab=32064, files=2),
+            "l70-shapes-small": small,
+            "l70-shapes-small-tp8ranks": DistInput(small, 8),
             "mid-4L": synth.ModelSpec(layers=4, hidden=1024, ffn=2816, heads=8, groups=4, vocab=8000),
             "mid-16L": synth.ModelSpec(layers=16, hidden=1024, ffn=2816, heads=8, groups=4, vocab=8000),
+            "deepseek-small": replace(synth.PRESETS["deepseek_v3"], hidden=1024, heads=16, groups=16, vocab=8000,
+                                      ffn=2816, q_lora=256, kv_lora=128, qk_nope=32, qk_rope=16, v_head=32,
+                                      moe_ffn=256, shared_ffn=256, experts=16),
         }
+    # Llama-3-70B layer shapes; 2 layers + embeddings + output = 15.3 GB of fp32
+    l70 = synth.ModelSpec(layers=2, hidden=8192, ffn=28672, heads=64, groups=8, vocab=128256, files=4)
     return {
-        # Llama-3-70B layer shapes; 2 layers + embeddings + output = 15.3 GB of fp32
-        "llama70b-2L": synth.ModelSpec(layers=2, hidden=8192, ffn=28672, heads=64, groups=8, vocab=128256, files=4),
+        "llama70b-2L": l70,
+        # the same model as a TP-8 training run leaves it: 8 rank files + strategy/, no merged copy
+        "llama70b-2L-tp8ranks": DistInput(l70, 8),
         "mid-4L": synth.ModelSpec(layers=4, hidden=4096, ffn=11008, heads=32, groups=8, vocab=32000, files=2),
         "mid-16L": synth.ModelSpec(layers=16, hidden=4096, ffn=11008, heads=32, groups=8, vocab=32000, files=4),
+        # DeepSeek-V3 shapes (hidden 7168, 128 heads, q_lora 1536, kv_lora 512, moe_ffn 2048, shared experts,
+        # fp32 expert bias; BF16): 1 dense + 2 MoE layers with 16 experts instead of 61 layers x 256 = 8.6 GB
+        "deepseek-3L": replace(synth.PRESETS["deepseek_v3"], layers=3, experts=16, files=4),
     }
+
+
+#: a run label starting with this is launched under torchrun with two workers on this host
+WORKERS = "2 workers"
+#: values the DeepSeek-shaped weights cannot tell (its config.json would say them)
+MOE_ROUTING = ["--moe-router-topk", "8", "--moe-router-score-function", "sigmoid",
+               "--moe-router-topk-scaling-factor", "2.5"]
 
 
 def runs(quick: bool) -> list:
     big = "l70-shapes-small" if quick else "llama70b-2L"
     heads = 16 if quick else 64
     mid_heads = 8 if quick else 32
+    ds, ds_heads = ("deepseek-small", 16) if quick else ("deepseek-3L", 128)
+    tp8pp2 = ["--target-tensor-parallel-size", "8" if not quick else "2", "--target-pipeline-parallel-size", "2"]
+    moe = ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "8", "--max-memory", "2GiB",
+           *MOE_ROUTING]
     return [
-        (big, "TP8 PP2, --max-memory 2GiB", ["--target-tensor-parallel-size", "8" if not quick else "2",
-                                              "--target-pipeline-parallel-size", "2", "--max-memory", "2GiB"], heads),
+        (big, "TP8 PP2, --max-memory 2GiB", [*tp8pp2, "--max-memory", "2GiB"], heads),
+        (big, f"{WORKERS} (torchrun --standalone), TP8 PP2, --max-memory 2GiB each",
+         [*tp8pp2, "--max-memory", "2GiB"], heads),
         (big, "TP1 PP1, --max-memory 2GiB", ["--max-memory", "2GiB"], heads),
         (big, "TP1 PP1, --max-memory 1GiB", ["--max-memory", "1GiB"], heads),
-        (big, "TP8 PP2, default budget", ["--target-tensor-parallel-size", "8" if not quick else "2",
-                                           "--target-pipeline-parallel-size", "2"], heads),
+        (big, "TP8 PP2, default budget", tp8pp2, heads),
+        (big, "torch_dist TP8 PP2, --max-memory 2GiB", ["--ckpt-format", "torch_dist", *tp8pp2, "--max-memory", "2GiB"],
+         heads),
+        (big + "-tp8ranks", "per-rank TP8 input, TP8 PP2, --max-memory 2GiB", [*tp8pp2, "--max-memory", "2GiB"], heads),
+        (ds, "MoE/MLA TP2 EP8, --max-memory 2GiB", moe, ds_heads),
+        (ds, "MoE/MLA torch_dist TP2 EP8, --max-memory 2GiB", ["--ckpt-format", "torch_dist", *moe], ds_heads),
         ("mid-4L", "TP2 PP1, default budget", ["--target-tensor-parallel-size", "2"], mid_heads),
         ("mid-16L", "TP2 PP1, default budget", ["--target-tensor-parallel-size", "2"], mid_heads),
     ]
 
 
-def ensure_input(work: str, name: str, spec: synth.ModelSpec) -> str:
+def ensure_input(work: str, name: str, spec) -> str:
+    """The input directory of ``spec`` (a ModelSpec, or a DistInput for per-rank output), generated once."""
     d = os.path.join(work, "inputs", name)
-    stamp = os.path.join(d, "synth_spec.json")
-    if os.path.exists(stamp) and json.load(open(stamp)) == json.loads(json.dumps(asdict(spec))):
+    if isinstance(spec, DistInput):
+        stamp, want = os.path.join(d, synth_dist.SPEC_FILE), {"spec": asdict(spec.spec), "tp": spec.tp}
+    else:
+        stamp, want = os.path.join(d, "synth_spec.json"), asdict(spec)
+    if os.path.exists(stamp) and json.load(open(stamp)) == json.loads(json.dumps(want)):
         return d
     if os.path.exists(d):
         shutil.rmtree(d)
     t = time.time()
-    synth.write_checkpoint(d, spec, quiet=False)
+    if isinstance(spec, DistInput):
+        synth_dist.write_distributed(d, spec.spec, spec.tp, quiet=False)
+    else:
+        synth.write_checkpoint(d, spec, quiet=False)
     print(f"# generated {name} in {time.time() - t:.0f} s", file=sys.stderr)
     return d
 
@@ -182,8 +228,11 @@ def main(argv=None) -> int:
         predicted = next((ln.split("predicted peak")[1].strip() for ln in plan.splitlines() if "predicted peak" in ln), "?")
         state = warm(src)
         summary_path = os.path.join(a.work, "summary.json")
-        r = timed([py, "-m", "streamconv", "convert", *base, "--quiet", "--json-summary", summary_path])
+        launch = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] \
+            if label.startswith(WORKERS) else [py]
+        r = timed([*launch, "-m", "streamconv", "convert", *base, "--quiet", "--json-summary", summary_path])
         s = json.load(open(summary_path))
+        workers = s.get("per_worker") or []
         check = "skipped"
         if not a.no_verify:
             budget = flags[flags.index("--max-memory"):][:2] if "--max-memory" in flags else []
@@ -198,9 +247,12 @@ def main(argv=None) -> int:
             "predicted_mib": round(s["predicted_peak_bytes"] / 2**20),
             "read_gib": round(s["read_bytes"] / GIB, 2), "written_gib": round(s["output_bytes"] / GIB, 2),
             "cache": state, "check": check,
+            "worker_peaks_mib": [round(w["peak_rss_bytes"] / 2**20) for w in workers],
         }
         rows.append(row)
         results["rows"].append(row)
+        if workers:
+            row["peak_rss_mib"] = max(row["worker_peaks_mib"])  # per worker: --max-memory is per worker
         print(f"# {name} {label}: {row['wall_s']} s (cp {row['cp_s']} s), peak {row['peak_rss_mib']} MiB "
               f"/ budget {row['budget_mib']} MiB (predicted {predicted}), {check}", file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True)

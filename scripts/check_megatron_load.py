@@ -25,6 +25,15 @@ loading rejects exactly that key, the script reports it and loads again with
 only that key dropped (``--no-drop-final-norm-extra-state`` to fail instead).
 Exit code 0 only if every case loads and matches (and, with --negative, every
 negative control loads and does NOT match).
+
+``--ckpt-format torch_dist``: the case is converted to Megatron's distributed
+checkpoint (chunked at the case's TP x PP) and loaded at ``--load-tp`` x
+``--load-pp`` the way ``load_checkpoint`` does it: ``common.pt`` read with
+``dist_checkpointing.load_common_state_dict``, each rank's
+``model.sharded_state_dict()`` filled by ``dist_checkpointing.load`` (Megatron's
+torch_dist strategy reshards), then ``load_state_dict(strict=True)``. As with
+``--dist-ckpt-strictness raise_all``, every key the model asks for must be in the
+checkpoint and every key of the checkpoint must be asked for.
 """
 
 from __future__ import annotations
@@ -198,6 +207,83 @@ def worker(rank: int, world: int, port: int, save_dir: str, tokens: torch.Tensor
     dist.destroy_process_group()
 
 
+def dist_worker(rank: int, world: int, port: int, save_dir: str, tokens: torch.Tensor, out_dir: str,
+                tp: int, pp: int) -> None:
+    """Load a torch_dist checkpoint at TP ``tp`` x PP ``pp`` with Megatron's dist_checkpointing; forward."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state as ps
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+    from megatron.core.tensor_parallel import random as tp_random
+
+    it_file = os.path.join(save_dir, "latest_checkpointed_iteration.txt")
+    it_dir = os.path.join(save_dir, f"iter_{int(open(it_file).read()):07d}")
+    common = dist_checkpointing.load_common_state_dict(it_dir)
+    args = common["args"]
+    report = {"rank": rank, "file": f"torch_dist at TP{tp} PP{pp}", "strict_ok": False, "missing": [],
+              "unexpected": [], "error": None, "dropped": [],
+              "ckpt_tp_pp": [args.tensor_model_parallel_size, args.pipeline_model_parallel_size]}
+    # load_checkpoint: the run's own TP/PP; what the checkpoint was chunked at only decides
+    # whether optimizer/RNG state could be reused (no_save_optim / no_save_rng say there is none)
+    assert args.ckpt_format == "torch_dist" and args.no_save_optim and args.no_save_rng
+    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    tp_random.initialize_rng_tracker(inference_rng_tracker=True)
+    torch.cuda.current_device = lambda: "cpu"
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    model = build_model(args, pre_process=first, post_process=last)
+    loaded = False
+    try:
+        sharded = {"model": model.sharded_state_dict()}
+        state, ckpt_only, not_in_ckpt = dist_checkpointing.load(sharded, it_dir, strict=StrictHandling.RETURN_ALL)
+        # Megatron's words: "missing" = in the checkpoint, not asked for; "unexpected" = asked for, absent
+        report["unexpected"], report["missing"] = sorted(map(str, not_in_ckpt)), sorted(map(str, ckpt_only))
+        if report["unexpected"]:
+            report["error"] = f"the model asks for keys the checkpoint lacks: {report['unexpected'][:5]}"
+        elif report["missing"]:  # as --dist-ckpt-strictness raise_all: nothing in the checkpoint goes unused
+            report["error"] = f"the checkpoint has keys the model does not use: {report['missing'][:5]}"
+        else:
+            model.load_state_dict(state["model"], strict=True)
+            report["strict_ok"] = loaded = True
+            for k, v in model.state_dict().items():  # every parameter came from the checkpoint, no NaN/init left
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    assert torch.isfinite(v).all(), k
+    except Exception as e:  # noqa: BLE001 - reported to the coordinator
+        report["error"] = f"{type(e).__name__}: {e}"
+    model.eval()
+    logits = None
+    ok = torch.tensor([1 if loaded else 0])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    if ok.item():
+        n = tokens.numel()
+        ids, pos = tokens.view(1, n), torch.arange(n).view(1, n)
+        mask = torch.ones(1, 1, n, n, dtype=torch.bool).triu(1)
+        with torch.no_grad():
+            if not first:
+                hidden = torch.empty(n, 1, args.hidden_size)
+                dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+                model.set_input_tensor(hidden)
+            out = model(ids if first else None, pos, mask)
+            if not last:
+                dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            else:
+                parts = [torch.empty_like(out) for _ in range(tp)]
+                dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+                logits = torch.cat(parts, -1)[0]
+    with open(os.path.join(out_dir, f"report_{rank}.json"), "w") as f:
+        json.dump(report, f)
+    if logits is not None and tp_rank == 0:
+        torch.save(logits, os.path.join(out_dir, "logits.pt"))
+    dist.barrier()
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
 def default_streamconv_python() -> str:
     """$STREAMCONV_PYTHON, else the first of this Python and /work/venv/bin/python that imports streamconv."""
     if os.environ.get("STREAMCONV_PYTHON"):
@@ -209,7 +295,8 @@ def default_streamconv_python() -> str:
     return "/work/venv/bin/python"
 
 
-def run_case(name: str, work: str, streamconv_python: str, drop: bool = True, verbose: bool = True) -> dict:
+def run_case(name: str, work: str, streamconv_python: str, drop: bool = True, verbose: bool = True,
+             ckpt_format: str = "torch", load_tp: int | None = None, load_pp: int | None = None) -> dict:
     """Convert, load into Megatron, compare. ``name``: a test_logits CASES or WRONG (negative control) key.
 
     Returns {"ok", "expect_match", "match", "diff", "reports", "error"}; ``ok`` means every
@@ -233,7 +320,7 @@ def run_case(name: str, work: str, streamconv_python: str, drop: bool = True, ve
     if not (os.path.exists(spec_file) and json.load(open(spec_file)) == json.loads(json.dumps(asdict(case["spec"])))):
         shutil.rmtree(src, ignore_errors=True)  # (re)write unless the same source is already there
         write_checkpoint(src, case["spec"])
-    argv = T._argv(case, src, save, flags)
+    argv = T._argv(case, src, save, flags) + ["--ckpt-format", ckpt_format]
     p = subprocess.run([streamconv_python, "-m", "streamconv", "convert", *argv], capture_output=True, text=True)
     if p.returncode:
         res["error"] = f"conversion failed:\n{p.stdout}{p.stderr}"
@@ -244,10 +331,15 @@ def run_case(name: str, work: str, streamconv_python: str, drop: bool = True, ve
     tokens = T._tokens(tv, s.seed)
     ref = T.reference_logits(src, s, tokens, tv)
 
-    world = case["tp"] * case["pp"]
+    dist = ckpt_format == "torch_dist"
+    ltp, lpp = (load_tp or case["tp"], load_pp or case["pp"]) if dist else (case["tp"], case["pp"])
+    world = ltp * lpp
     t0 = time.time()
     try:
-        mp.spawn(worker, args=(world, _free_port(), save, tokens, out, drop), nprocs=world, join=True)
+        if dist:
+            mp.spawn(dist_worker, args=(world, _free_port(), save, tokens, out, ltp, lpp), nprocs=world, join=True)
+        else:
+            mp.spawn(worker, args=(world, _free_port(), save, tokens, out, drop), nprocs=world, join=True)
     except Exception as e:  # noqa: BLE001 - report and go on with the next case
         res["error"] = f"Megatron worker failed: {e}"
         say(f"[{name}] {res['error']}")
@@ -271,7 +363,8 @@ def run_case(name: str, work: str, streamconv_python: str, drop: bool = True, ve
     res["match"] = match = torch.allclose(got, ref, atol=T.ATOL, rtol=T.RTOL)
     res["ok"] = match == res["expect_match"]
     what = "" if flags is None else f" [negative control, converted with {' '.join(flags)}: must NOT match]"
-    say(f"[{name}] TP{case['tp']} PP{case['pp']}: Megatron logits vs source reference: max |diff| {diff:.2e} "
+    layout = f"TP{case['tp']} PP{case['pp']}" + (f" ({ckpt_format}, loaded at TP{ltp} PP{lpp})" if dist else "")
+    say(f"[{name}] {layout}: Megatron logits vs source reference: max |diff| {diff:.2e} "
         f"(max |logit| {ref.abs().max().item():.2f}) -> {'MATCH' if match else 'MISMATCH'}{what} "
         f"({time.time() - t0:.1f}s)")
     return res
@@ -290,6 +383,10 @@ def main(argv=None) -> int:
                          "/work/venv/bin/python; or $STREAMCONV_PYTHON)")
     ap.add_argument("--no-drop-final-norm-extra-state", action="store_true",
                     help="do not retry strict loading without decoder.final_layernorm._extra_state")
+    ap.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
+                    help="convert to this format; torch_dist is loaded with Megatron's dist_checkpointing")
+    ap.add_argument("--load-tp", type=int, help="torch_dist: TP to load at (default: the case's)")
+    ap.add_argument("--load-pp", type=int, help="torch_dist: PP to load at (default: the case's)")
     a = ap.parse_args(argv)
     import megatron.core
 
@@ -299,7 +396,8 @@ def main(argv=None) -> int:
     results = {}
     try:
         for n in names:
-            results[n] = run_case(n, work, a.streamconv_python, not a.no_drop_final_norm_extra_state)["ok"]
+            results[n] = run_case(n, work, a.streamconv_python, not a.no_drop_final_norm_extra_state,
+                                  ckpt_format=a.ckpt_format, load_tp=a.load_tp, load_pp=a.load_pp)["ok"]
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)

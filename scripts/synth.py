@@ -57,6 +57,20 @@ class ModelSpec:
     misalign: bool = False  # put a 6-byte entry first so F32 data is not 4-byte aligned
     dropout_keys: bool = False
     files: int = 1
+    # mixture of experts (mindformers layout: stacked weight1 [E*H, 2F] / weight2 [E*F, H], each expert
+    # stored [in, out]); layers [0, dense_layers) stay dense
+    experts: int = 0
+    moe_ffn: int = 0
+    shared_ffn: int = 0  # shared experts' intermediate size (0: none)
+    expert_bias: bool = False  # router score-correction bias (always F32, as mindformers saves it)
+    dense_layers: int = 0
+    # multi-latent attention (DeepSeek): q_lora 0 means one linear_q_proj
+    mla: bool = False
+    q_lora: int = 0
+    kv_lora: int = 0
+    qk_nope: int = 0
+    qk_rope: int = 0
+    v_head: int = 0
     seed: int = 1234
     scale: float = 0.02
     extra: dict = field(default_factory=dict)
@@ -72,6 +86,10 @@ PRESETS = {
     # Llama-3-70B layer shapes (use --layers to choose how many)
     "llama70b": ModelSpec(layers=4, hidden=8192, ffn=28672, heads=64, groups=8, vocab=128256),
     "mid": ModelSpec(layers=4, hidden=2048, ffn=5632, heads=16, groups=4, vocab=32000),
+    # DeepSeek-V3 layer shapes (MLA + a dense layer + MoE layers with shared experts); choose --layers/--experts
+    "deepseek_v3": ModelSpec(layers=3, hidden=7168, ffn=18432, heads=128, groups=128, vocab=129280, dtype="BF16",
+                             experts=16, moe_ffn=2048, shared_ffn=2048, expert_bias=True, dense_layers=1, mla=True,
+                             q_lora=1536, kv_lora=512, qk_nope=128, qk_rope=64, v_head=128),
 }
 
 
@@ -81,6 +99,9 @@ def weight_shapes(s: ModelSpec) -> dict:
     out = {"embedding.word_embeddings.weight": (s.vocab, h)}
     for i in range(s.layers):
         p = f"decoder.layers.{i}."
+        if s.mla or (s.experts and i >= s.dense_layers):
+            out.update(_moe_mla_layer(s, p, i))
+            continue
         out[p + "input_layernorm.weight"] = (h,)
         if s.norm == "LayerNorm":
             out[p + "input_layernorm.bias"] = (h,)
@@ -112,6 +133,42 @@ def weight_shapes(s: ModelSpec) -> dict:
         out["decoder.final_layernorm.bias"] = (h,)
     if not s.tied:
         out["output_layer.weight"] = (s.vocab, h)
+    return out
+
+
+def _moe_mla_layer(s: ModelSpec, p: str, i: int) -> dict:
+    """One layer with MLA attention and/or MoE MLP, mindformers names (FORMAT.md §6)."""
+    h, n = s.hidden, s.heads
+    out = {p + "input_layernorm.weight": (h,)}
+    if s.mla:
+        if s.q_lora:
+            out[p + "self_attention.linear_q_down_proj.weight"] = (s.q_lora, h)
+            out[p + "self_attention.q_layernorm.weight"] = (s.q_lora,)
+            out[p + "self_attention.linear_q_up_proj.weight"] = (n * (s.qk_nope + s.qk_rope), s.q_lora)
+        else:
+            out[p + "self_attention.linear_q_proj.weight"] = (n * (s.qk_nope + s.qk_rope), h)
+        out[p + "self_attention.linear_kv_down_proj.weight"] = (s.kv_lora + s.qk_rope, h)
+        out[p + "self_attention.kv_layernorm.weight"] = (s.kv_lora,)
+        out[p + "self_attention.linear_kv_up_proj.weight"] = (n * (s.qk_nope + s.v_head), s.kv_lora)
+        out[p + "self_attention.linear_proj.weight"] = (h, n * s.v_head)
+    else:
+        nq, ng, d = s.heads, s.groups, s.d
+        out[p + "self_attention.linear_qkv.weight"] = ((nq + 2 * ng) * d, h)
+        out[p + "self_attention.linear_proj.weight"] = (h, nq * d)
+    out[p + "pre_mlp_layernorm.weight"] = (h,)
+    if s.experts and i >= s.dense_layers:
+        e, f = s.experts, s.moe_ffn
+        out[p + "mlp.router.weight"] = (e, h)
+        if s.expert_bias:
+            out[p + "mlp.router.expert_bias"] = (e,)
+        out[p + "mlp.experts.weight1"] = (e * h, 2 * f)
+        out[p + "mlp.experts.weight2"] = (e * f, h)
+        if s.shared_ffn:
+            out[p + "mlp.shared_experts.linear_fc1.weight"] = (2 * s.shared_ffn, h)
+            out[p + "mlp.shared_experts.linear_fc2.weight"] = (h, s.shared_ffn)
+    else:
+        out[p + "mlp.linear_fc1.weight"] = (2 * s.ffn, h)
+        out[p + "mlp.linear_fc2.weight"] = (h, s.ffn)
     return out
 
 
@@ -264,7 +321,7 @@ def write_checkpoint(out_dir: str, s: ModelSpec, quiet: bool = True) -> list:
     """Write the checkpoint for ``s`` into ``out_dir``; return the file paths."""
     os.makedirs(out_dir, exist_ok=True)
     tensors = stored_tensors(s)
-    entries = [(n, shape, s.dtype) for n, shape in tensors.items()]
+    entries = [(n, shape, "F32" if n.endswith("router.expert_bias") else s.dtype) for n, shape in tensors.items()]
     if s.optimizer:
         entries += [(f"adam_m.{n}", shape, "F32") for n, shape in tensors.items()]
         entries += [(f"adam_v.{n}", shape, "F32") for n, shape in tensors.items()]
@@ -352,7 +409,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    for fld in ("layers", "hidden", "ffn", "heads", "groups", "head_dim", "vocab", "files", "seed"):
+    for fld in ("layers", "hidden", "ffn", "heads", "groups", "head_dim", "vocab", "files", "seed", "experts"):
         p.add_argument(f"--{fld.replace('_', '-')}", type=int)
     p.add_argument("--dtype", choices=["F32", "BF16", "F16"])
     p.add_argument("--norm", choices=["RMSNorm", "LayerNorm"])
@@ -362,7 +419,7 @@ def main(argv=None) -> int:
         p.add_argument(f"--{flag}", action="store_true")
     a = p.parse_args(argv)
     s = ModelSpec(**asdict(PRESETS[a.preset])) if a.preset else ModelSpec()
-    for fld in ("layers", "hidden", "ffn", "heads", "groups", "head_dim", "vocab", "files", "seed", "dtype", "norm"):
+    for fld in ("layers", "hidden", "ffn", "heads", "groups", "head_dim", "vocab", "files", "seed", "dtype", "norm", "experts"):
         v = getattr(a, fld)
         if v is not None:
             setattr(s, fld, v)

@@ -24,7 +24,7 @@ from dataclasses import fields
 from . import __version__
 from .core.errors import FlagError, StreamconvError, VerifyMismatch
 from .core.interrupts import InterruptGuard
-from .core.options import FC1_LAYOUTS, QKV_LAYOUTS, TRANSFORMER_IMPLS, ConvertOptions
+from .core.options import FC1_LAYOUTS, QKV_LAYOUTS, TRANSFORMER_IMPLS, CkptFormat, ConvertOptions
 from .core.sizes import parse_size
 
 IGNORED = {
@@ -51,17 +51,28 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     g = p.add_argument_group("input and output")
-    g.add_argument("--load-dir", required=True, help="MindSpore safetensors checkpoint: a file, a directory, an "
-                   "index/param_name_map.json, a unified directory or mindformers' iteration output")
+    g.add_argument("--load-dir", required=True, help="MindSpore safetensors checkpoint (a file, a directory, an "
+                   "index/param_name_map.json, a unified directory or mindformers' iteration output), a Hugging "
+                   "Face Llama/Qwen2/Qwen3 model directory (config.json + model.safetensors or shards with their "
+                   "index), or per-rank training output (rank_N/ files + strategy, read without merging)")
     g.add_argument("--save-dir", required=True, help="directory for the Megatron-LM checkpoint")
+    g.add_argument("--src-strategy-path", metavar="FILE_OR_DIR",
+                   help="per-rank input: the parallel strategy (strategy/ directory, or one merged strategy "
+                        "file, JSON or protobuf); default: strategy/ beside checkpoint/")
+    g.add_argument("--step", type=int, metavar="N",
+                   help="per-rank input: the checkpoint step to read (default: the newest every rank saved)")
     lay = p.add_argument_group("source layouts (mindformers' training options)")
     lay.add_argument("--fc1-layout", choices=FC1_LAYOUTS, default=None,
                      help="gated linear_fc1 row layout: 'interleaved' = use_interleaved_weight_layout_mlp: True "
-                          "(mindformers default, assumed when not given), 'concat' = [gate; up]")
+                          "(mindformers default), 'concat' = [gate; up]. Default: from a mindformers YAML beside "
+                          "the input, else interleaved (assumed, and said so)")
     lay.add_argument("--qkv-layout", choices=QKV_LAYOUTS, default=None,
                      help="linear_qkv row layout: 'grouped' = per query group [q;k;v] (mindformers default "
-                          "use_contiguous_weight_layout_attention: False, assumed when not given), "
-                          "'contiguous' = [all Q; all K; all V]")
+                          "use_contiguous_weight_layout_attention: False), 'contiguous' = [all Q; all K; all V]. "
+                          "Default: from a mindformers YAML beside the input, else grouped (assumed, and said so)")
+    lay.add_argument("--model-config", metavar="FILE",
+                     help="Hugging Face config.json or mindformers YAML to take the values the weights cannot "
+                          "tell from (default: a config.json, or the only *.yaml, beside the input)")
     if verify:
         return
     o = p.add_argument_group("official convert.py flags")
@@ -71,10 +82,17 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     o.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP",
                    help="tensor-parallel size of the output (default 1)")
     o.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP",
-                   help="pipeline-parallel size of the output (default 1); must divide the layers")
-    o.add_argument("--target-expert-parallel-size", type=int, default=1, help="must be 1 (dense models)")
+                   help="pipeline-parallel size of the output (default 1); layers are split evenly unless "
+                        "--decoder-first/last-pipeline-num-layers say otherwise")
+    o.add_argument("--target-expert-parallel-size", type=int, default=1, metavar="EP",
+                   help="expert parallel size of the output (MoE models; default 1)")
+    o.add_argument("--target-expert-tensor-parallel-size", type=int, default=None, metavar="ETP",
+                   help="tensor parallel size inside each expert (default: TP, Megatron's default)")
     o.add_argument("--saver-transformer-impl", choices=TRANSFORMER_IMPLS, default="transformer_engine",
                    help="key names of the output (official default: transformer_engine)")
+    o.add_argument("--ckpt-format", choices=CkptFormat.values(), default=CkptFormat.TORCH.value,
+                   help="output container (Megatron's flag): torch = one torch.save file per rank, as convert.py "
+                        "writes; torch_dist = Megatron's distributed checkpoint, loadable at any TP/PP")
     o.add_argument("--loader-transformer-impl", choices=TRANSFORMER_IMPLS, default=None,
                    help="accepted for compatibility; does not change the output")
     o.add_argument("--position-embedding-type", metavar="{rope,none}", default="rope",
@@ -88,7 +106,8 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     o.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="vocab padding unit per TP rank (default 128), as in Megatron")
     o.add_argument("--num-layers", type=int, help="transformer layers (inferred; checked if given)")
-    o.add_argument("--seq-length", type=int, default=2048, help="sequence length stored in args (default 2048)")
+    o.add_argument("--seq-length", type=int, default=None,
+                   help="sequence length stored in args (default: from a mindformers YAML, else 2048)")
     o.add_argument("--max-position-embeddings", type=int,
                    help="default: 2048, or --seq-length when that is larger")
     o.add_argument("--hidden-size", type=int, help="hidden size (inferred; checked if given)")
@@ -108,9 +127,51 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
                    help="accepted; inferred from the presence of output_layer.weight")
     o.add_argument("--tokenizer-type", default="HuggingFaceTokenizer",
                    help="stored in args (default HuggingFaceTokenizer)")
+    o.add_argument("--decoder-first-pipeline-num-layers", type=int, metavar="N",
+                   help="layers of the first pipeline stage when PP does not divide the layers evenly")
+    o.add_argument("--decoder-last-pipeline-num-layers", type=int, metavar="N",
+                   help="layers of the last pipeline stage (Megatron's uneven pipeline split)")
+    m = p.add_argument_group("mixture of experts and multi-latent attention (Megatron's flag names; the shapes "
+                             "decide the sizes, a given value must agree with them)")
+    m.add_argument("--num-experts", type=int, help="routed experts per MoE layer (inferred; checked if given)")
+    m.add_argument("--moe-ffn-hidden-size", type=int, help="hidden size of each routed expert (inferred; checked)")
+    m.add_argument("--moe-shared-expert-intermediate-size", type=int,
+                   help="hidden size of the shared experts together (inferred; checked if given)")
+    m.add_argument("--moe-layer-freq", type=_layer_freq, metavar="FREQ",
+                   help="1, N, or a list such as '[0]*3+[1]*58' (which layers have experts; inferred, checked)")
+    m.add_argument("--moe-router-enable-expert-bias", action="store_true",
+                   help="router expert bias (DeepSeek-V3 aux-loss-free balancing; inferred from the weights)")
+    m.add_argument("--multi-latent-attention", action="store_true", help="accepted; inferred from the shapes")
+    m.add_argument("--q-lora-rank", type=int, help="MLA query low-rank dimension (inferred; checked if given)")
+    m.add_argument("--kv-lora-rank", type=int, help="MLA key/value low-rank dimension (inferred; checked if given)")
+    m.add_argument("--qk-head-dim", type=int, help="MLA query/key head dim without rope (inferred; checked)")
+    m.add_argument("--qk-pos-emb-head-dim", type=int, help="MLA rope part of the query/key head dim (inferred; "
+                   "checked)")
+    m.add_argument("--v-head-dim", type=int, help="MLA value head dim (inferred; checked if given)")
+    m.add_argument("--mtp-num-layers", type=int, help="multi-token prediction layers (inferred; checked if given)")
+    m.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="write experts as TEGroupedMLP (mlp.experts.linear_fc1.weight<i>; transformer_engine only)")
+    r = p.add_argument_group("MoE routing and rope scaling: stored in args, not in the weights (default: from the "
+                             "model config, else Megatron's default)")
+    r.add_argument("--moe-router-topk", type=int, help="experts each token is routed to")
+    r.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"],
+                   help="router score function (DeepSeek-V3: sigmoid)")
+    r.add_argument("--moe-router-topk-scaling-factor", type=float,
+                   help="scale applied to the top-k routing weights (DeepSeek-V3: routed_scaling_factor)")
+    r.add_argument("--moe-router-num-groups", type=int, help="expert groups for group-limited routing (n_group)")
+    r.add_argument("--moe-router-group-topk", type=int, help="groups each token may use (topk_group)")
+    r.add_argument("--moe-router-pre-softmax", action="store_true", default=None,
+                   help="softmax before top-k (Qwen-MoE norm_topk_prob false)")
+    r.add_argument("--rotary-scaling-factor", type=float, help="yarn rope scaling factor (MLA)")
+    r.add_argument("--mscale", type=float, help="yarn mscale (MLA; default 1.0)")
+    r.add_argument("--mscale-all-dim", type=float, help="yarn mscale_all_dim (MLA; default 0.0)")
     a = p.add_argument_group("values stored in args that the weights cannot tell (Megatron's flag names; "
                              "defaults are what the official pipeline writes)")
-    a.add_argument("--rotary-base", type=int, default=10000, help="rope base (Llama 3: 500000, Qwen3: 1000000)")
+    a.add_argument("--rotary-base", type=int, default=None,
+                   help="rope base (Llama 3: 500000, Qwen3: 1000000); default: from the model config, else 10000")
+    a.add_argument("--norm-epsilon", type=float, help="default: from the model config, else Megatron's 1e-5")
+    a.add_argument("--use-rope-scaling", action="store_true", default=None,
+                   help="Llama 3.1 rope scaling (default: from the model config's rope_scaling llama3, else off)")
     a.add_argument("--rotary-percent", type=float, default=1.0, help="fraction of the head dim rotated (default 1.0)")
     a.add_argument("--rotary-interleaved", action="store_true", help="interleaved rope (default: off)")
     a.add_argument("--attention-dropout", type=float, default=0.1, help="stored in args (default 0.1)")
@@ -149,7 +210,8 @@ def _run_flags(p: argparse.ArgumentParser, plan: bool = False) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="streamconv",
-        description="Stream a MindSpore Transformers safetensors checkpoint into a Megatron-LM core checkpoint.",
+        description="Stream a MindSpore Transformers safetensors checkpoint (or a Hugging Face Llama/Qwen2/Qwen3 "
+                    "model) into a Megatron-LM core checkpoint.",
     )
     p.add_argument("--version", action="version", version=f"streamconv {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{convert,plan,verify}")
@@ -172,6 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _layer_freq(text: str):
+    """Megatron's --moe-layer-freq: an int, or a list written as a Python expression of lists ('[0]*3+[1]*5')."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    out = []
+    for term in text.replace(" ", "").split("+"):
+        body, times = (term.rsplit("*", 1) + ["1"])[:2] if "]*" in term else (term, "1")
+        if not (body.startswith("[") and body.endswith("]") and times.isdigit()):
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int or a list like [0]*3+[1]*5")
+        items = [x for x in body[1:-1].split(",") if x]
+        if not all(x in ("0", "1") for x in items):
+            raise argparse.ArgumentTypeError(f"{text!r}: list entries must be 0 or 1")
+        out += [int(x) for x in items] * int(times)
+    return out
+
+
 def options_from_args(a: argparse.Namespace) -> ConvertOptions:
     notices = []
     for k, msg in IGNORED.items():
@@ -186,12 +265,7 @@ def options_from_args(a: argparse.Namespace) -> ConvertOptions:
                           "no learned position embeddings; use rope (the default here) or none")
     # every flag whose dest is an option field carries over as is; the few that need work follow
     given = {f.name: getattr(a, f.name) for f in fields(ConvertOptions) if hasattr(a, f.name)}
-    stated = tuple(k for k in ("fc1_layout", "qkv_layout") if given.get(k) is not None)
-    for k in ("fc1_layout", "qkv_layout"):
-        if given.get(k) is None:
-            given.pop(k, None)  # not given: the default layout, assumed (and said so)
     given.update(
-        stated=stated,
         loader_transformer_impl=a.loader_transformer_impl or "local",
         max_memory=parse_size(a.max_memory) if a.max_memory else None,
         notices=notices,
@@ -228,7 +302,8 @@ def _main(argv: list) -> int:
         o = options_from_args(a)
         prog = Progress(quiet=o.quiet)
         summary = convert(o, prog)
-        _write_json(a.json_summary, summary)
+        if summary.get("coordinator", True):  # under torchrun, worker 0 reports for every worker
+            _write_json(a.json_summary, summary)
         return 0
     if a.command == "plan":
         from .engine.describe import describe
@@ -248,7 +323,7 @@ def _main(argv: list) -> int:
 
     layouts = {k: getattr(a, k) for k in ("fc1_layout", "qkv_layout") if getattr(a, k) is not None}
     base = ConvertOptions(load_dir=a.load_dir, max_memory=parse_size(a.max_memory) if a.max_memory else None,
-                          **layouts)
+                          src_strategy_path=a.src_strategy_path, step=a.step, **layouts)
     report = verify(a.load_dir, a.save_dir, base)
     d = report.as_dict()
     d["peak_rss_bytes"] = peak_rss()
@@ -269,6 +344,10 @@ def main(argv: list | None = None) -> int:
 
 
 def _run(argv: list) -> int:
+    if "WORLD_SIZE" in os.environ:
+        # a torchrun worker: a failed rendezvous must end in our one line, not in c10d's C++ log and stack
+        # dump (read when torch is imported, so set before any import of it)
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     debug = "--debug" in argv
     try:
         return _main(argv)

@@ -21,11 +21,11 @@ import time
 import pytest
 
 import synth
-from helpers import run_cli, tree
+from helpers import STATED_SETTINGS, run_cli, tree
 
 SPEC = synth.ModelSpec(layers=4, hidden=256, ffn=512, heads=8, groups=4, vocab=2048, files=2)
 FLAGS = ["--num-attention-heads", "8", "--target-pipeline-parallel-size", "2", "--fc1-layout", "interleaved",
-         "--qkv-layout", "grouped", "--quiet"]
+         "--qkv-layout", "grouped", *STATED_SETTINGS, "--quiet"]
 
 
 @pytest.fixture

@@ -333,13 +333,14 @@ def megatron_logits(args, shards, tokens: torch.Tensor) -> torch.Tensor:
     ng_r = ng // tp
     n = len(tokens)
     base = float(getattr(args, "rotary_base", ROPE_BASE))
+    eps = float(getattr(args, "norm_epsilon", EPS))  # Megatron's layernorm_epsilon (default 1e-5)
     assert args.position_embedding_type == "rope" and getattr(args, "rotary_percent", 1.0) == 1.0
-    assert not getattr(args, "rotary_interleaved", False)
+    assert not getattr(args, "rotary_interleaved", False) and not getattr(args, "use_rope_scaling", False)
 
     def norm(x, sd, prefix):
         if args.normalization == "RMSNorm":
-            return rms_norm(x, sd[prefix + ".weight"])
-        return layer_norm(x, sd[prefix + ".weight"], sd[prefix + ".bias"])
+            return rms_norm(x, sd[prefix + ".weight"], eps)
+        return layer_norm(x, sd[prefix + ".weight"], sd[prefix + ".bias"], eps)
 
     # VocabParallelEmbedding: rank r owns rows [r*V/tp, (r+1)*V/tp); partial lookups are summed
     x = 0

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import synth
-from helpers import REPO, run_cli
+from helpers import REPO, STATED_SETTINGS, run_cli
 
 SPEC = synth.ModelSpec(layers=2, hidden=64, ffn=128, heads=4, groups=2, vocab=256)
 HEADS = ["--num-attention-heads", "4"]
@@ -128,16 +128,28 @@ def test_convert_verify_prints_one_line_with_what_was_compared(source, tmp_path)
 def test_quiet_still_states_assumed_layouts(source, tmp_path):
     p = run_cli(["convert", "--load-dir", source, "--save-dir", str(tmp_path / "a"), *HEADS, "--quiet"])
     assumed = [x for x in p.stderr.splitlines() if "ASSUMED" in x]
-    assert len(assumed) == 2 and any("fc1 layout" in x for x in assumed) and any("qkv layout" in x for x in assumed)
+    # the two layouts, and the values Megatron takes from args that neither the weights nor a model config
+    # gave (main's model/settings.py): rope base, sequence length, positions, and Megatron's own defaults
+    assert any("fc1 layout" in x for x in assumed) and any("qkv layout" in x for x in assumed)
+    for name in ("rotary_base=10000", "seq_length=2048", "max_position_embeddings=2048", "norm_epsilon"):
+        assert sum(name in x for x in assumed) == 1, (name, p.stderr)
+    assert len(assumed) == 6, p.stderr
     assert all(x.startswith("streamconv: ASSUMED") for x in p.stderr.splitlines() if x.strip()), p.stderr
     assert p.stdout == ""
-    # a layout given with its flag is no longer an assumption: --quiet is silent
-    p = run_cli(["convert", "--load-dir", source, "--save-dir", str(tmp_path / "b"), *HEADS, "--quiet",
-                 "--fc1-layout", "interleaved", "--qkv-layout", "grouped"])
-    assert p.stderr == "" and p.stdout == ""
-    # and the stated layouts give the same bytes as the assumed ones
+    # a value given with its flag is no longer an assumption: only what is still assumed is printed
+    stated = ["--fc1-layout", "interleaved", "--qkv-layout", "grouped",
+              *[f for f in STATED_SETTINGS if f not in ("--norm-epsilon", "1e-5")]]
+    p = run_cli(["convert", "--load-dir", source, "--save-dir", str(tmp_path / "b"), *HEADS, "--quiet", *stated])
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamconv: ASSUMED") and "norm_epsilon" in lines[0], p.stderr
+    assert p.stdout == ""
+    # and the stated values give the same bytes as the assumed ones
     for rel in ("iter_0000001/mp_rank_00/model_optim_rng.pt",):
         assert open(tmp_path / "a" / rel, "rb").read() == open(tmp_path / "b" / rel, "rb").read()
+    # nothing assumed at all: --quiet is silent
+    p = run_cli(["convert", "--load-dir", source, "--save-dir", str(tmp_path / "c"), *HEADS, "--quiet",
+                 "--fc1-layout", "interleaved", "--qkv-layout", "grouped", *STATED_SETTINGS])
+    assert p.stderr == "" and p.stdout == ""
 
 
 # --------------------------------------------------------------------------- item 14: progress off a terminal

@@ -17,13 +17,13 @@ import time
 import pytest
 
 import synth
-from helpers import run_cli, tree
+from helpers import STATED_SETTINGS, run_cli, tree
 
 SPEC = synth.ModelSpec(layers=8, hidden=512, ffn=1024, heads=8, groups=4, vocab=4000, files=3)
-# the layouts are stated, so --quiet prints nothing but errors (an assumed layout would be printed)
+# the layouts and the args values are stated, so --quiet prints nothing but errors (an assumption would be printed)
 FLAGS = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "4",
          "--num-attention-heads", "8", "--saver-transformer-impl", "local", "--quiet", "--max-memory", "400MB",
-         "--fc1-layout", "interleaved", "--qkv-layout", "grouped"]
+         "--fc1-layout", "interleaved", "--qkv-layout", "grouped", *STATED_SETTINGS]
 
 
 @pytest.fixture(scope="module")

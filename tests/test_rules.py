@@ -135,3 +135,66 @@ def test_transposed_ref_addresses_logical_rows_and_columns():
 def test_stage_ranks_follow_megatron(tp, ep, etp, want):
     got = [(c.tp, c.ep) for c in stage_ranks(ParallelSizes(tp=tp, pp=1, ep=ep, etp=etp), 0)]
     assert got == want
+
+
+# -- placements: where a rank's rows sit in the whole parameter (what torch_dist stores) ---------------
+
+# (rule, rank, [(start, stop, whole shape, offset, main)]), by hand from FORMAT.md §7's chunk table
+PLACEMENTS = [
+    ("whole tp0", R.Whole(W), rank(0, 2), [(0, 8, (8, 3), (0, 0), True)]),
+    ("whole tp1 is a replica", R.Whole(W), rank(1, 2), [(0, 8, (8, 3), (0, 0), False)]),
+    ("whole bias", R.Whole(B), rank(0, 1), [(0, 8, (8, 1), (0, 0), True)]),
+    ("rows r1/2", R.Chunk(W), rank(1, 2), [(0, 4, (8, 3), (4, 0), True)]),
+    ("cols r2/3", R.Chunk(src("w9", 2, 9), dim=1), rank(2, 3), [(0, 2, (2, 9), (0, 6), True)]),
+    ("vocab pad r1/2", R.VocabChunk(W, 12), rank(1, 2), [(0, 6, (12, 3), (6, 0), True)]),
+    ("qkv grouped r1/2", R.QkvFused(QKV, 4, 2, 1, "grouped"), rank(1, 2), [(0, 4, (8, 2), (4, 0), True)]),
+    ("qkv contiguous r1/2", R.QkvFused(QKV, 4, 2, 1, "contiguous"), rank(1, 2), [(0, 4, (8, 2), (4, 0), True)]),
+    ("qkv parts r0/2", R.QkvParts(Q, K, Vt, 4, 2, 1), rank(0, 2), [(0, 4, (8, 2), (0, 0), True)]),
+    # gated fc1, ffn 4, TP 2: rank 1's [gate_1; up_1] = rows 2..3 and 6..7 of [gate; up]
+    ("gated r1/2", R.GatedFused(W, 4, "interleaved"), rank(1, 2),
+     [(0, 2, (8, 3), (2, 0), True), (2, 4, (8, 3), (6, 0), True)]),
+    ("gated parts r0/2", R.GatedParts(G, U, 4), rank(0, 2),
+     [(0, 2, (8, 3), (0, 0), True), (2, 4, (8, 3), (4, 0), True)]),
+    # EP 2 x TP 1: the ep 1 rank is dense data-parallel rank 1, so its dense copies are replicas
+    ("dense on ep1 is a replica", R.Chunk(W), rank(ep=1, EP=2), [(0, 8, (8, 3), (0, 0), False)]),
+    # experts: one expert's [2F, H] matrix; EP picks the expert (the key level adds that axis)
+    ("expert whole ep1", R.Whole(R.ExpertRef(STACK, 4, 1, transposed=True)), rank(ep=1, EP=2),
+     [(0, 4, (4, 2), (0, 0), True)]),
+    ("expert gated etp1/2", R.GatedFused(R.ExpertRef(STACK, 4, 0, transposed=True), 2, "concat", Axis.ETP),
+     rank(ep=1, EP=2, etp=1, ETP=2, TP=2), [(0, 1, (4, 2), (1, 0), True), (1, 2, (4, 2), (3, 0), True)]),
+    ("expert whole on etp1 is a replica", R.Whole(R.ExpertRef(STACK, 4, 0)), rank(etp=1, ETP=2, TP=2),
+     [(0, 2, (2, 4), (0, 0), False)]),
+]
+
+
+@pytest.mark.parametrize("name,rule,at,want", PLACEMENTS, ids=[c[0] for c in PLACEMENTS])
+def test_placements(name, rule, at, want):
+    got = [(p.start, p.stop, tuple(p.shape), tuple(p.offset), p.main) for p in rule.placements(at)]
+    assert got == want, name
+
+
+DENSE_RULES = [
+    R.Whole(W), R.Chunk(W), R.Chunk(src("w12", 3, 12), dim=1), R.VocabChunk(W, 16), R.VocabChunk(W, 4),
+    R.QkvFused(QKV, 4, 2, 1, "grouped"), R.QkvFused(QKV, 4, 2, 1, "contiguous"), R.QkvParts(Q, K, Vt, 4, 2, 1),
+    R.GatedFused(W, 4, "interleaved"), R.GatedFused(W, 4, "concat"), R.GatedParts(G, U, 4), R.Chunk(B),
+]
+
+
+@pytest.mark.parametrize("rule", DENSE_RULES, ids=[type(r).__name__ + str(i) for i, r in enumerate(DENSE_RULES)])
+@pytest.mark.parametrize("n", [1, 2])
+def test_main_placements_tile_the_whole_parameter_once(rule, n):
+    """At TP n, the rows each rank holds are the blocks of the TP-1 tensor its placements name,
+    and the main blocks of all ranks cover it exactly once (by element indices)."""
+    whole = apply(rule.pieces(rank(0, 1)))
+    count = np.zeros(whole.shape, dtype=int)
+    for r in range(n):
+        at = rank(r, n)
+        mine = apply(rule.pieces(at))
+        for p in rule.placements(at):
+            assert tuple(p.shape) == whole.shape
+            (r0, c0), rows = p.offset, p.stop - p.start
+            block = whole[r0:r0 + rows, c0:c0 + mine.shape[1]]
+            assert (mine[p.start:p.stop] == block).all()
+            if p.main:
+                count[r0:r0 + rows, c0:c0 + mine.shape[1]] += 1
+    assert (count == 1).all()

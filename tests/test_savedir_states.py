@@ -25,16 +25,18 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import OrderedDict
 
 import pytest
 import torch
 
 import synth
-from helpers import run_cli, tree
+from helpers import STATED_SETTINGS, run_cli, tree
 
 SPEC = synth.ModelSpec(layers=4, hidden=128, ffn=256, heads=8, groups=4, vocab=512)
-BASE = ["--num-attention-heads", "8", "--fc1-layout", "interleaved", "--qkv-layout", "grouped", "--quiet"]
+BASE = ["--num-attention-heads", "8", "--fc1-layout", "interleaved", "--qkv-layout", "grouped", *STATED_SETTINGS,
+        "--quiet"]
 TP2 = [*BASE, "--target-tensor-parallel-size", "2"]
 PP2 = [*BASE, "--target-pipeline-parallel-size", "2"]
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -362,3 +364,77 @@ def test_another_checkpoint_with_the_same_names_and_sizes_is_not_this_conversion
     p = convert(base, save, PP2, check=False)  # the base model into the same directory
     assert p.returncode == 2 and "--overwrite" in one_error_line(p), p.stdout + p.stderr
     assert state(save) == before
+
+
+# --------------------------------------------------------------------------- torch_dist output (items 2, 3)
+
+DIST = ["--ckpt-format", "torch_dist"]
+DIST_FILES = ["iter_0000001/.metadata", "iter_0000001/common.pt", "iter_0000001/metadata.json"]
+
+
+def dist_layout(tp: int) -> list:
+    """A dense model's torch_dist files at TP ``tp``, PP 1: one data file per TP rank (Megatron's names)."""
+    return sorted([TRACKER, *DIST_FILES, *[f"iter_0000001/__{r}_0.distcp" for r in range(tp)]])
+
+
+def test_torch_dist_same_command_twice_does_nothing(source, tmp_path):
+    save = tmp_path / "out"
+    convert(source, save, [*TP2, *DIST])
+    assert tree(str(save)) == dist_layout(2)
+    before = state(save)
+    p = convert(source, save, [f for f in TP2 if f != "--quiet"] + DIST)
+    assert p.returncode == 0 and NOTHING in p.stdout, p.stdout + p.stderr
+    assert state(save) == before
+    # a flipped byte inside a data file is another file: refused, nothing touched
+    _flip_tensor_byte(save / "iter_0000001/__1_0.distcp")
+    before = state(save)
+    p = convert(source, save, [*TP2, *DIST], check=False)
+    assert p.returncode == 2 and "--overwrite" in one_error_line(p)
+    assert state(save) == before
+
+
+def test_overwrite_torch_dist_with_torch_removes_every_torch_dist_file(source, tmp_path):
+    save = tmp_path / "out"
+    convert(source, save, [*TP2, *DIST])
+    p = convert(source, save, [f for f in PP2 if f != "--quiet"], "--overwrite", "--verify")
+    assert tree(str(save)) == pp2_layout()
+    said = p.stdout + p.stderr
+    assert "removed" in said and "__0_0.distcp" in said
+    fresh = tmp_path / "fresh"
+    convert(source, fresh, PP2)
+    assert {k: v[0] for k, v in state(save).items()} == {k: v[0] for k, v in state(fresh).items()}
+
+
+@pytest.mark.parametrize("old", ["torch_tp2", "torch_dist_tp2"])
+def test_overwrite_into_torch_dist_leaves_only_the_new_checkpoint(source, tmp_path, old):
+    save = tmp_path / "out"
+    convert(source, save, [*TP2, *DIST] if old == "torch_dist_tp2" else TP2)
+    convert(source, save, [*BASE, *DIST], "--overwrite", "--verify")
+    assert tree(str(save)) == dist_layout(1)  # TP 1: __1_0.distcp (or the legacy rank dirs) removed
+    fresh = tmp_path / "fresh"
+    convert(source, fresh, [*BASE, *DIST])
+    assert {k: v[0] for k, v in state(save).items()} == {k: v[0] for k, v in state(fresh).items()}
+
+
+def test_overwrite_keeps_a_torch_dist_training_checkpoint(source, tmp_path):
+    """A torch_dist checkpoint written by stock torch DCP with optimizer state is not a converted one: kept."""
+    import torch.distributed.checkpoint as dcp
+
+    save = tmp_path / "out"
+    it = save / "iter_0000001"
+    state_dict = {"decoder.layers.self_attention.linear_proj.weight": torch.zeros(4, 8, 8, dtype=torch.bfloat16),
+                  "optimizer.state.exp_avg.decoder.layers.self_attention.linear_proj.weight": torch.zeros(4, 8, 8)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process": it is
+        dcp.save(state_dict, checkpoint_id=str(it))
+    torch.save({"args": argparse.Namespace(tensor_model_parallel_size=1), "checkpoint_version": 3.0,
+                "iteration": 500, "optimizer": {"param_groups": []}}, str(it / "common.pt"))
+    (it / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                   "common_backend": "torch", "common_backend_version": 1}))
+    kept = {rel: (save / rel).read_bytes() for rel in tree(str(save))}
+    assert sorted(kept) == sorted(["iter_0000001/__0_0.distcp", *DIST_FILES])
+    p = convert(source, save, [f for f in PP2 if f != "--quiet"], "--overwrite")
+    assert "keeps" in p.stdout + p.stderr and "__0_0.distcp" in p.stdout + p.stderr
+    for rel, data in kept.items():
+        assert (save / rel).read_bytes() == data, f"--overwrite changed or deleted {rel}"
+    assert sorted(tree(str(save))) == sorted(pp2_layout() + list(kept))

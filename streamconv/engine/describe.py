@@ -12,12 +12,14 @@ def describe(plan) -> str:
     lines = [
         f"input    {src.load_path} ({src.layout}{', ' + names if names else ''}, {len(src.files)} file(s), "
         f"{len(src.tensors)} weights, {human(src.total_bytes)})",
+        *[f"{label:<8} {text}" for label, text in src.details],
         f"model    {c.num_layers} layers, hidden {c.hidden_size}, ffn {c.ffn_hidden_size}, heads {c.num_attention_heads}, "
         f"groups {c.num_query_groups}, head dim {c.kv_channels}, vocab {c.source_vocab} -> {c.padded_vocab_size}, "
         f"{c.normalization}, {'swiglu' if c.swiglu else 'gelu'}, "
         f"{'biases' if c.add_bias_linear else ('qkv bias' if c.add_qkv_bias else 'no biases')}, "
         f"{'qk-layernorm, ' if c.qk_layernorm else ''}{'tied' if c.tied else 'untied'} output",
-        f"target   TP {sz.tp} x PP {sz.pp}, BF16, {o.saver_transformer_impl} names -> {o.save_dir}",
+        f"target   TP {sz.tp} x PP {sz.pp}, BF16, {o.saver_transformer_impl} names, {o.ckpt_format} format "
+        f"-> {o.save_dir}",
     ]
     for g in plan.groups:
         lines.append(f"stage {g.index}: layers {g.layers.start}..{g.layers.stop - 1}"

@@ -24,10 +24,12 @@ from ..formats import get_format
 from ..formats.base import PlanInput, RankEntries, StagePlan
 from ..megatron.args import megatron_args
 from ..megatron.entries import resolve
-from ..megatron.layout import stage_entries, stage_layers
+from ..megatron.layout import stage_entries
 from ..megatron.parallel import ParallelSizes, Rank, check_model, stage_ranks
+from ..model import settings
 from ..model.config import ModelConfig
 from ..model.resolve import check_layers, resolve_config
+from ..sources.hints import find_config, hf_config, read_hints
 from ..sources.index import SourceIndex, index_checkpoint
 from ..sources.schemes import layer_of
 from . import memory
@@ -76,6 +78,8 @@ class Plan:
         """What must be equal for ``--resume`` to continue a run."""
         opts = self.options.fingerprint()
         opts["load_dir"] = os.path.abspath(self.options.load_dir)
+        if self.options.src_strategy_path is not None:
+            opts["src_strategy_path"] = os.path.abspath(self.options.src_strategy_path)
         return {"options": opts, "input": self.input_fp,
                 "files": {f.relpath: f.size for f in self.files}}
 
@@ -106,28 +110,43 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     before torch is imported (``convert`` starts prefetching the input there).
     """
     _resolve_vocab_file(o)
-    if o.target_expert_parallel_size not in (None, 1):
-        raise FlagError(f"--target-expert-parallel-size {o.target_expert_parallel_size}: these are dense models; use 1")
     fmt = get_format(o.ckpt_format)
-    index = index_checkpoint(o.load_dir)
+    index = index_checkpoint(o.load_dir, o.src_strategy_path, o.step)
+    config_file = find_config(o.load_dir, o.model_config)
+    input_notes = []
+    if index.scheme.needs_model_config:  # Hugging Face names: the architecture and dimensions from config.json
+        drop, input_notes = hf_config.check_hf_input(config_file, index.tensors, o.load_dir)
+        for name in drop:
+            del index.tensors[name]
+    hints = read_hints(config_file) if config_file else {}
+    problem = settings.unsupported(hints)
+    if problem:
+        raise InputError(problem)
+    settings.apply(o, hints)
     o.check()
     cfg = resolve_config(index, o)
+    settings.check_rope_scaling(o, cfg)
     sizes = ParallelSizes.from_options(o)
     check_model(cfg, sizes)
     check_layers(index, cfg)
+    if o.moe_grouped_gemm and o.saver_transformer_impl != "transformer_engine":
+        raise FlagError("--moe-grouped-gemm needs --saver-transformer-impl transformer_engine (TEGroupedMLP); the "
+                        "local spec's GroupedMLP stores experts differently and is not written")
     if on_source is not None:
         on_source(index)
     scheme = index.scheme
     layouts = scheme.source_layouts(o)
     args = megatron_args(cfg, o, sizes)
     input_fp = index.fingerprint()
-    seed_opts = {k: v for k, v in o.fingerprint().items() if k != "load_dir"}
     stages = []
     for p in range(sizes.pp):
-        specs = stage_entries(cfg, index.tensors, p, sizes.pp, o.saver_transformer_impl, layouts)
+        specs = stage_entries(cfg, index.tensors, p, sizes, o.saver_transformer_impl, layouts, o.moe_grouped_gemm)
         ranks = [RankEntries(c, [resolve(s, Rank(c, sizes)) for s in specs]) for c in stage_ranks(sizes, p)]
-        stages.append(StagePlan(p, stage_layers(cfg, sizes.pp, p), ranks))
-    seed = [seed_opts, [(os.path.basename(f), sz) for f, sz, *_ in input_fp]]
+        stages.append(StagePlan(p, sizes.stage_layers(cfg.num_layers, p), ranks))
+    # File ids derive from what the output is (its args; the format adds what each file holds), not from how the input
+    # files or flags were spelled: the same weights under another naming scheme (a Hugging Face model and
+    # the mindformers checkpoint made from it) converted to the same args give byte-identical files.
+    seed = [sorted(vars(args).items())]
     fplan = fmt.plan(PlanInput(stages, sizes, args, seed))
 
     src = index.tensors
@@ -140,12 +159,16 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     floor = memory.floor_bytes() if floor is None else floor
     explicit = o.max_memory is not None
     budget = o.max_memory if explicit else memory.default_budget(largest_layer)
-    block, predicted = memory.plan_blocks(budget, floor, max_row, largest_tensor, explicit)
+    block, predicted = memory.plan_blocks(budget, floor, max_row, largest_tensor, explicit, index.assembled)
     notes = []
+    notes += input_notes
     notes += scheme.notes(cfg, o)
     notes += _vocab_notes(cfg, sizes.tp)
     if cfg.inferred:
         notes.append("inferred from shapes: " + ", ".join(cfg.inferred))
+    if config_file:
+        notes.append(f"model config: {config_file}")
+    notes += settings.notes(o, cfg)
     notes += index.skipped.lines()
     notes += list(o.notices)
     return Plan(o, index, cfg, sizes, fmt, fplan.groups, fplan.final_files, args, budget, explicit, block,

@@ -155,6 +155,8 @@ class Streamer:
         i = 0
         while i < nrows:
             j = min(nrows, i + per)
+            if step == 1:  # a chunk inside one slice is read directly, not assembled
+                j = src.block_end(start + i, start + j) - start
             a = start + i * step
             out[i:j].copy_(self._source(src, a, a + (j - i - 1) * step + 1, step, col0, col1))
             i = j
@@ -191,7 +193,7 @@ class Streamer:
             self._begin(g)
         a = p0.start
         while a < p0.stop:
-            b = min(p0.stop, a + rows_per_block)
+            b = src.block_end(a, min(p0.stop, a + rows_per_block))
             if b < p0.stop:
                 self._prefetch(src, b, min(p0.stop, b + rows_per_block))
             buf = self._take()
@@ -206,7 +208,7 @@ class Streamer:
                 off += -(-n // _ALIGN) * _ALIGN
             i = a
             while i < b:
-                k = min(b, i + per_chunk)
+                k = src.block_end(i, min(b, i + per_chunk))
                 t = self._source(src, i, k)
                 for out, c0, c1 in outs:
                     out[i - a:k - a].copy_(t[:, c0:c1])
@@ -258,6 +260,8 @@ class Streamer:
         i = 0
         while i < total:
             j = min(total, i + per)
+            if step == 1:  # end the block where the source's storage does (a slice edge): no assembly
+                j = src.block_end(p.start + i, p.start + j) - p.start
             if j < total:
                 first = p.start + j * step
                 self._prefetch(src, first, min(p.start + (min(total, j + per) - 1) * step + 1, src_rows))
@@ -289,7 +293,7 @@ class Streamer:
             out = self._out_view(buf, 0, k - j, out_cols, out_dtype)
             a = p.start
             while a < p.stop:
-                b = min(p.stop, a + per_src)
+                b = src.block_end(a, min(p.stop, a + per_src))
                 out[:, a - p.start:b - p.start].copy_(self._source(src, a, b, 1, p.col0 + j, p.col0 + k).T)
                 self._read((b - a) * (k - j) * src.itemsize)
                 a = b

@@ -16,6 +16,7 @@ from ..core.errors import FlagError
 #: --ckpt-format value -> module holding its FORMAT object
 FORMATS = {
     "torch": "streamconv.formats.torch",
+    "torch_dist": "streamconv.formats.torch_dist",
 }
 
 

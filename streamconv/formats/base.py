@@ -39,7 +39,7 @@ class PlanInput:
     stages: list  # StagePlan
     sizes: object  # megatron.parallel.ParallelSizes
     args: object  # argparse.Namespace for Megatron
-    seed: list  # run identity (options, input file names and sizes) for deterministic ids
+    seed: list  # what identifies the output (its args) for deterministic file ids
 
 
 @dataclass

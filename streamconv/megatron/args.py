@@ -41,6 +41,22 @@ OPTIONS_IN_ARGS = {
     "attention_dropout": "attention_dropout",
     "hidden_dropout": "hidden_dropout",
     "padded_vocab_override": "padded_vocab_size",
+    "target_expert_parallel_size": "expert_model_parallel_size",
+    "target_expert_tensor_parallel_size": "expert_tensor_parallel_size",
+    "moe_router_topk": "moe_router_topk",
+    "moe_router_score_function": "moe_router_score_function",
+    "moe_router_topk_scaling_factor": "moe_router_topk_scaling_factor",
+    "moe_router_num_groups": "moe_router_num_groups",
+    "moe_router_group_topk": "moe_router_group_topk",
+    "moe_router_pre_softmax": "moe_router_pre_softmax",
+    "moe_grouped_gemm": "moe_grouped_gemm",
+    "rotary_scaling_factor": "rotary_scaling_factor",
+    "mscale": "mscale",
+    "mscale_all_dim": "mscale_all_dim",
+    "norm_epsilon": "norm_epsilon",
+    "use_rope_scaling": "use_rope_scaling",
+    "decoder_first_pipeline_num_layers": "decoder_first_pipeline_num_layers",
+    "decoder_last_pipeline_num_layers": "decoder_last_pipeline_num_layers",
 }
 
 
@@ -118,7 +134,72 @@ def megatron_args(cfg, o: ConvertOptions, sizes: ParallelSizes) -> argparse.Name
     if cfg.qk_layernorm:
         fields.append(("qk_layernorm", True))
     fields.append(("transformer_impl", o.saver_transformer_impl))
+    fields = _moe_fields(fields, cfg, o, sizes) + _mla_fields(cfg, o) + _other_fields(cfg, o, sizes)
     ns = argparse.Namespace()
     for k, v in fields:
         setattr(ns, k, v)
     return ns
+
+
+def _set(fields: list, name: str, value) -> None:
+    fields[[k for k, _ in fields].index(name)] = (name, value)
+
+
+def _moe_fields(fields: list, cfg, o, sizes) -> list:
+    """MoE values: the shapes' (experts, ffn, layer pattern, shared size, expert bias) and the routing settings.
+
+    ``moe_layer_freq`` is 1 when every layer has experts, else the per-layer list: in torch_dist the spelling
+    decides whether layers are stacked, so it must say what the keys are (FORMAT.md §6).
+    """
+    moe = cfg.moe
+    if moe is None:
+        return fields
+    pattern = cfg.moe_layer_pattern
+    _set(fields, "num_experts", moe.num_experts)
+    _set(fields, "moe_layer_freq", 1 if all(pattern) else pattern)
+    _set(fields, "moe_ffn_hidden_size", moe.ffn)
+    _set(fields, "moe_router_topk", o.moe_router_topk if o.moe_router_topk is not None else 2)
+    _set(fields, "moe_router_pre_softmax", bool(o.moe_router_pre_softmax))
+    _set(fields, "moe_grouped_gemm", bool(o.moe_grouped_gemm))
+    _set(fields, "moe_shared_expert_intermediate_size", moe.shared.ffn if moe.shared else None)
+    _set(fields, "expert_model_parallel_size", sizes.ep)
+    return fields + [
+        ("expert_tensor_parallel_size", sizes.count_etp()),
+        ("moe_router_score_function", o.moe_router_score_function or "softmax"),
+        ("moe_router_enable_expert_bias", moe.expert_bias),
+        ("moe_router_topk_scaling_factor", o.moe_router_topk_scaling_factor),
+        ("moe_router_num_groups", o.moe_router_num_groups),
+        ("moe_router_group_topk", o.moe_router_group_topk),
+    ]
+
+
+def _mla_fields(cfg, o) -> list:
+    a = cfg.mla
+    if a is None:
+        return []
+    return [
+        ("multi_latent_attention", True),
+        ("q_lora_rank", a.q_lora_rank),
+        ("kv_lora_rank", a.kv_lora_rank),
+        ("qk_head_dim", a.qk_head_dim),
+        ("qk_pos_emb_head_dim", a.qk_pos_emb_head_dim),
+        ("v_head_dim", a.v_head_dim),
+        ("rotary_scaling_factor", o.rotary_scaling_factor if o.rotary_scaling_factor is not None else 1.0),
+        ("mscale", o.mscale if o.mscale is not None else 1.0),
+        ("mscale_all_dim", o.mscale_all_dim if o.mscale_all_dim is not None else 0.0),
+    ]
+
+
+def _other_fields(cfg, o, sizes) -> list:
+    out = []
+    if cfg.mtp_layers:
+        out.append(("mtp_num_layers", len(cfg.mtp_layers)))
+    if sizes.first_stage_layers is not None:
+        out.append(("decoder_first_pipeline_num_layers", sizes.first_stage_layers))
+    if sizes.last_stage_layers is not None:
+        out.append(("decoder_last_pipeline_num_layers", sizes.last_stage_layers))
+    if o.norm_epsilon is not None:
+        out.append(("norm_epsilon", o.norm_epsilon))
+    if o.use_rope_scaling:  # Llama 3.1's rope scaling; left out otherwise, as Megatron's default is off
+        out.append(("use_rope_scaling", True))
+    return out

@@ -8,7 +8,7 @@ resolves each spec at every rank into concrete pieces and shapes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -70,6 +70,8 @@ class Entry:
     shape: tuple = ()
     dtype: OutDtype = OutDtype.BF16
     data: bytes = b""
+    # the rule that made ``pieces``: a sharded format asks it where they sit (rules.Placement)
+    rule: object = field(default=None, compare=False, repr=False)
 
     @property
     def has_data(self) -> bool:
@@ -107,4 +109,4 @@ def resolve(spec: EntrySpec, rank) -> Entry:
         if len(cols) != 1:  # pragma: no cover - a rule bug guard
             raise AssertionError(f"{spec.key}: pieces of different widths")
         shape = (rows, cols.pop())
-    return Entry(spec.key, spec.kind, pieces, shape, spec.dtype)
+    return Entry(spec.key, spec.kind, pieces, shape, spec.dtype, rule=spec.rule)

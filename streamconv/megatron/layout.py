@@ -15,28 +15,38 @@ Transformer Engine is installed). See FORMAT.md §2.
 
 from __future__ import annotations
 
-from ..core.options import TransformerImpl
+from ..core.options import Fc1Layout, TransformerImpl
+from ..model.config import AttentionKind, ExpertStorage, MlpKind
+from ..model.moe import reshaped_weight1
 from ..sources.schemes import SourceLayouts, layer_key
 from . import rules as R
-from .entries import TE_MODULE_EXTRA_STATE, TE_NORM_EXTRA_STATE, fixed_bytes, none, tensor
+from .entries import TE_MODULE_EXTRA_STATE, TE_NORM_EXTRA_STATE, OutDtype, fixed_bytes, none, tensor
 from .parallel import Axis
+from .pieces import Ref
 
 
 class LayerBuilder:
-    """Entries of one source layer, written as layer ``i_out`` of its PP stage."""
+    """Entries of one source layer, written as layer ``i_out`` of its PP stage.
 
-    def __init__(self, cfg, src: dict, i_src: int, i_out: int, impl: str, layouts: SourceLayouts):
+    ``spec``/``src_prefix``/``out_prefix`` address an MTP layer's transformer layer instead.
+    """
+
+    def __init__(self, cfg, src: dict, i_src: int, i_out: int, impl: str, layouts: SourceLayouts,
+                 spec=None, src_prefix: str | None = None, out_prefix: str | None = None):
         self.cfg, self.src, self.i_src, self.i_out = cfg, src, i_src, i_out
         self.te = impl == TransformerImpl.TRANSFORMER_ENGINE
         self.layouts = layouts
-        self.spec = cfg.layers[i_src]
+        self.spec = spec if spec is not None else cfg.layers[i_src]
         self.nb = cfg.norm_has_bias
+        self.src_prefix = src_prefix if src_prefix is not None else layer_key(i_src, "")
+        self.out_prefix = out_prefix if out_prefix is not None else layer_key(i_out, "")
+        self.grouped_gemm = False
 
     def S(self, suffix):  # noqa: N802 - source tensor of this layer
-        return self.src[layer_key(self.i_src, suffix)]
+        return self.src[self.src_prefix + suffix]
 
     def K(self, suffix):  # noqa: N802 - output key of this layer
-        return layer_key(self.i_out, suffix)
+        return self.out_prefix + suffix
 
     def extra_state(self, module):
         key = self.K(f"{module}._extra_state")
@@ -82,8 +92,14 @@ class LayerBuilder:
         t = self.S(f"mlp.linear_fc1.{part}")
         return R.GatedFused(t, m.ffn, self.layouts.fc1) if m.gated else R.Chunk(t)
 
+    def te_norm(self, module):
+        """A Transformer Engine norm of its own (TENorm): weight (+ bias) and its _extra_state."""
+        return self.norm(module, te_extra=True)
+
     def attention(self) -> list:
         a = self.spec.attention
+        if a.kind is AttentionKind.MLA:
+            return self.mla_attention()
         out = []
         out += self.row_parallel("self_attention.linear_proj", a.proj_bias)
         if self.te:
@@ -94,7 +110,92 @@ class LayerBuilder:
             out += self.norm("self_attention.k_layernorm", te_extra=self.te)
         return out
 
+    def mla_attention(self) -> list:
+        """Multi-latent attention: every projection column-parallel by rows except linear_proj (FORMAT.md §6)."""
+        a = self.spec.attention
+        out = []
+        if self.te:
+            out.append(fixed_bytes(self.K("self_attention.core_attention._extra_state"), TE_MODULE_EXTRA_STATE))
+        out += self.row_parallel("self_attention.linear_proj", False)
+        if a.concat:  # mindformers' mla_qkv_concat: linear_qkv = [q_a (q_lora); c_kv (kv_lora); k_pe (rope)]
+            qkv = self.S("self_attention.linear_qkv.weight")
+            q_down = Ref(qkv, 0, a.q_lora_rank)
+            kv_down = Ref(qkv, a.q_lora_rank, a.kv_lora_rank + a.qk_pos_emb_head_dim)
+            q_up, kv_up = self.S("self_attention.linear_qb.weight"), self.S("self_attention.linear_kvb.weight")
+            q_norm, kv_norm = "self_attention.q_layernorm", "self_attention.k_layernorm"
+        else:
+            q_down = self.S("self_attention.linear_q_down_proj.weight") if a.q_lora_rank is not None else None
+            kv_down = self.S("self_attention.linear_kv_down_proj.weight")
+            q_up = self.S("self_attention.linear_q_up_proj.weight") if a.q_lora_rank is not None \
+                else self.S(a.q_proj)
+            kv_up = self.S("self_attention.linear_kv_up_proj.weight")
+            q_norm, kv_norm = "self_attention.q_layernorm", "self_attention.kv_layernorm"
+
+        def linear(module, source, norm_module=None):
+            ents = []
+            if norm_module is not None and self.te and a.layernorms:  # TELayerNormColumnParallelLinear
+                ents += self.norm(norm_module, out_module=module)
+            ents.append(tensor(self.K(f"{module}.weight"), R.Chunk(source), 2))
+            return ents + [self.extra_state(module)]
+
+        if a.q_lora_rank is None:
+            out += linear("self_attention.linear_q_proj", q_up)
+        else:
+            out += linear("self_attention.linear_q_down_proj", q_down)
+            out += linear("self_attention.linear_q_up_proj", q_up, q_norm)
+        out += linear("self_attention.linear_kv_down_proj", kv_down)
+        out += linear("self_attention.linear_kv_up_proj", kv_up, kv_norm)
+        if a.layernorms and not self.te:
+            if a.q_lora_rank is not None:
+                out.append(tensor(self.K("self_attention.q_layernorm.weight"), R.Whole(self.S(f"{q_norm}.weight")), 1))
+            out.append(tensor(self.K("self_attention.kv_layernorm.weight"), R.Whole(self.S(f"{kv_norm}.weight")), 1))
+        return out
+
+    def moe_mlp(self) -> list:
+        """Router, routed experts (EP picks them, ETP splits each), shared experts (TP) — FORMAT.md §6."""
+        m = self.spec.mlp
+        out = self.te_norm("pre_mlp_layernorm") if self.te else self.norm("pre_mlp_layernorm")
+        out.append(tensor(self.K("mlp.router.weight"), R.Whole(self.S("mlp.router.weight")), 2))
+        if m.expert_bias:  # Megatron keeps the score-correction bias in fp32
+            out.append(tensor(self.K("mlp.router.expert_bias"), R.Whole(self.S("mlp.router.expert_bias")), 1,
+                              OutDtype.F32))
+        local = m.num_experts // self.cfg_ep
+        if m.storage is ExpertStorage.STACKED_TRANSPOSED:
+            w1 = reshaped_weight1(self.S("mlp.experts.weight1"), m, self.cfg.hidden_size)
+            w2 = self.S("mlp.experts.weight2")
+            fc1 = [R.GatedFused(R.ExpertRef(w1, m.num_experts, i, transposed=True), m.ffn, Fc1Layout.CONCAT,
+                                Axis.ETP) for i in range(local)]
+            fc2 = [R.Chunk(R.ExpertRef(w2, m.num_experts, i, transposed=True), Axis.ETP, dim=1) for i in range(local)]
+        else:
+            gates = tuple(self.S(f"mlp.experts.{e}.linear_fc1_gate.weight") for e in range(m.num_experts))
+            ups = tuple(self.S(f"mlp.experts.{e}.linear_fc1_up.weight") for e in range(m.num_experts))
+            downs = tuple(self.S(f"mlp.experts.{e}.linear_fc2.weight") for e in range(m.num_experts))
+            fc1 = [R.GatedParts(R.ExpertOf(gates, i), R.ExpertOf(ups, i), m.ffn, Axis.ETP) for i in range(local)]
+            fc2 = [R.Chunk(R.ExpertOf(downs, i), Axis.ETP, dim=1) for i in range(local)]
+        if self.grouped_gemm:  # TEGroupedMLP: one module per linear, weight<i> per local expert
+            out += [tensor(self.K(f"mlp.experts.linear_fc1.weight{i}"), r, 2) for i, r in enumerate(fc1)]
+            out.append(self.extra_state("mlp.experts.linear_fc1"))
+            out += [tensor(self.K(f"mlp.experts.linear_fc2.weight{i}"), r, 2) for i, r in enumerate(fc2)]
+            out.append(self.extra_state("mlp.experts.linear_fc2"))
+        else:  # SequentialMLP
+            for i in range(local):
+                e = f"mlp.experts.local_experts.{i}"
+                out += [tensor(self.K(f"{e}.linear_fc1.weight"), fc1[i], 2), self.extra_state(f"{e}.linear_fc1"),
+                        tensor(self.K(f"{e}.linear_fc2.weight"), fc2[i], 2), self.extra_state(f"{e}.linear_fc2")]
+        if m.shared is not None:
+            sh = "mlp.shared_experts"
+            if m.shared.split:
+                fc1_rule = R.GatedParts(self.S(f"{sh}.linear_fc1_gate.weight"), self.S(f"{sh}.linear_fc1_up.weight"),
+                                        m.shared.ffn)
+            else:  # stored like a dense fc1: --fc1-layout applies (mindformers interleaves it by default)
+                fc1_rule = R.GatedFused(self.S(f"{sh}.linear_fc1.weight"), m.shared.ffn, self.layouts.fc1)
+            out += [tensor(self.K(f"{sh}.linear_fc1.weight"), fc1_rule, 2), self.extra_state(f"{sh}.linear_fc1")]
+            out += self.row_parallel(f"{sh}.linear_fc2", False)
+        return out
+
     def mlp(self) -> list:
+        if self.spec.mlp.kind is MlpKind.MOE:
+            return self.moe_mlp()
         out = []
         if self.te:
             out += self.norm("pre_mlp_layernorm", out_module="mlp.linear_fc1")
@@ -108,38 +209,68 @@ class LayerBuilder:
         # TransformerLayer: input_layernorm, self_attention(core_attention, linear_proj, linear_qkv,
         # q_layernorm, k_layernorm), pre_mlp_layernorm, mlp(linear_fc1, linear_fc2)
         out = []
-        if self.te:
+        if self.spec.attention.kind is AttentionKind.MLA:
+            # MLA keeps its input norm (a TENorm of its own under the TE spec)
+            out += self.te_norm("input_layernorm") if self.te else self.norm("input_layernorm")
+        elif self.te:
             out.append(fixed_bytes(self.K("self_attention.core_attention._extra_state"), TE_MODULE_EXTRA_STATE))
         else:
             out += self.norm("input_layernorm")
         return out + self.attention() + self.mlp()
 
 
-def stage_layers(cfg, pp_size: int, stage: int) -> range:
-    """Source layers of PP stage ``stage`` (contiguous, equal shares)."""
-    per = cfg.num_layers // pp_size
-    return range(stage * per, (stage + 1) * per)
-
-
-def stage_entries(cfg, src: dict, stage: int, pp_size: int, impl: str, layouts: SourceLayouts) -> list:
+def stage_entries(cfg, src: dict, stage: int, sizes, impl: str, layouts: SourceLayouts,
+                  grouped_gemm: bool = False) -> list:
     """All entry specs of PP stage ``stage`` (identical key lists on every rank of the stage)."""
+    pp_size = sizes.pp
     first, last = stage == 0, stage == pp_size - 1
     vocab_rule = R.VocabChunk(src["embedding.word_embeddings.weight"], cfg.padded_vocab_size)
+    te = impl == TransformerImpl.TRANSFORMER_ENGINE
+
+    def builder(i, j, **kw):
+        b = LayerBuilder(cfg, src, i, j, impl, layouts, **kw)
+        b.cfg_ep, b.grouped_gemm = sizes.ep, grouped_gemm
+        return b
+
     out: list = []
-    if first:
+    # with MTP layers the last stage needs the embeddings too (Megatron builds them there)
+    if first or (last and cfg.mtp_layers):
         out.append(tensor("embedding.word_embeddings.weight", vocab_rule, 2))
-    for j, i in enumerate(stage_layers(cfg, pp_size, stage)):
-        out += LayerBuilder(cfg, src, i, j, impl, layouts).entries()
+    for j, i in enumerate(sizes.stage_layers(cfg.num_layers, stage)):
+        out += builder(i, j).entries()
     if last:
         out.append(tensor("decoder.final_layernorm.weight", R.Whole(src["decoder.final_layernorm.weight"]), 1))
         if cfg.norm_has_bias:
             out.append(tensor("decoder.final_layernorm.bias", R.Whole(src["decoder.final_layernorm.bias"]), 1))
-        out.append(fixed_bytes("decoder.final_layernorm._extra_state", TE_NORM_EXTRA_STATE))
+        if cfg.moe is None or te:
+            # the dense spec's final norm is a TE norm wherever TE is installed (FORMAT.md §2); the MoE block
+            # spec's local final norm has no extra state (§6)
+            out.append(fixed_bytes("decoder.final_layernorm._extra_state", TE_NORM_EXTRA_STATE))
+        out += mtp_entries(cfg, src, builder, te)
         if not cfg.tied:
             out.append(tensor("output_layer.weight", R.VocabChunk(src["output_layer.weight"], cfg.padded_vocab_size), 2))
-        elif pp_size > 1:
+        elif pp_size > 1 and not cfg.mtp_layers:
             # Megatron keeps a copy of the (padded) word embeddings on the last stage.
             out.append(tensor("output_layer.weight", vocab_rule, 2))
         # GPTModel's output layer is Megatron's own ColumnParallelLinear under both specs.
         out.append(none("output_layer._extra_state"))
+    return out
+
+
+def mtp_entries(cfg, src: dict, builder, te: bool) -> list:
+    """Multi-token-prediction layers (last stage): enorm, hnorm, eh_proj [H/TP, 2H], a layer, final norm."""
+    out = []
+    for k, spec in enumerate(cfg.mtp_layers):
+        p = f"mtp.layers.{k}."
+
+        def norm(name):
+            ents = [tensor(p + f"{name}.weight", R.Whole(src[p + f"{name}.weight"]), 1)]
+            return ents + ([fixed_bytes(p + f"{name}._extra_state", TE_NORM_EXTRA_STATE)] if te else [])
+
+        out += norm("enorm") + norm("hnorm")
+        out.append(tensor(p + "eh_proj.weight", R.Chunk(src[p + "eh_proj.weight"]), 2))
+        out.append(fixed_bytes(p + "eh_proj._extra_state", TE_MODULE_EXTRA_STATE) if te else none(p + "eh_proj._extra_state"))
+        out += builder(cfg.num_layers, 0, spec=spec, src_prefix=p + "transformer_layer.",
+                       out_prefix=p + "transformer_layer.").entries()
+        out += norm("final_layernorm")
     return out

@@ -99,3 +99,36 @@ class Ref:
             raise ValueError(f"{self.src.canonical}: a row step on a transposed view is not supported")
         c1 = self._src_rows if col1 is None else col1
         return Piece(self.src, self.row0 + col0, self.row0 + c1, 1, start, stop, repeat, transpose=True)
+
+
+def slice_rows(pieces, start: int, stop: int) -> tuple:
+    """The pieces making output rows ``[start, stop)`` of the tensor ``pieces`` make.
+
+    Why: a format may store one rank's tensor as several chunks (torch_dist keeps
+    the gate and up halves of a gated fc1 apart); each chunk is read as its own
+    pieces. A whole-tensor slice returns the pieces unchanged, so identical reads
+    stay identical (the stream reads a recipe once for every file wanting it).
+    """
+    pieces = tuple(pieces)
+    if start == 0 and stop == sum(p.nrows for p in pieces):
+        return pieces
+    out = []
+    at = 0
+    for p in pieces:
+        lo, hi = max(start - at, 0), min(stop - at, p.nrows)
+        at += p.nrows
+        if lo >= hi:
+            continue
+        if lo == 0 and hi == p.nrows:
+            out.append(p)
+        elif p.transpose:  # output rows are source columns
+            c0 = p.col0 + lo
+            out.append(Piece(p.src, p.start, p.stop, p.step, c0, p.col0 + hi, p.repeat, True))
+        elif p.repeat > 1:
+            if p.src_rows != 1:  # pragma: no cover - rules repeat single rows only (vocab padding)
+                raise ValueError(f"{p.src.canonical}: cannot slice a repeated multi-row piece")
+            out.append(Piece(p.src, p.start, p.stop, p.step, p.col0, p.col1, hi - lo))
+        else:
+            a = p.start + lo * p.step
+            out.append(Piece(p.src, a, p.start + (hi - 1) * p.step + 1, p.step, p.col0, p.col1))
+    return tuple(out)

@@ -8,6 +8,13 @@ object that answers, for a :class:`~.parallel.Rank`, "which pieces,
 concatenated along dim 0, form my tensor?", without touching data. Rules take
 their source as a :class:`~.pieces.Ref` or as an :class:`ExpertRef`, which
 resolves to one expert of a stacked tensor at the rank's EP index.
+
+Each rule also knows its split (as Megatron-Bridge's per-parameter mappings do):
+:meth:`placements` says where the rows of a rank's tensor sit in the whole
+parameter (one layer, one expert) and whether that copy is the main replica,
+which is what a sharded format (torch_dist) stores. Each placement is a block of
+the rank's output rows, because Megatron's shards are: a gated fc1's share is
+two shards, gate rows and up rows, at different global offsets.
 """
 
 from __future__ import annotations
@@ -36,10 +43,50 @@ class ExpertRef:
         return Ref(self.src, g * rows, rows, self.transposed)
 
 
+@dataclass(frozen=True)
+class ExpertOf:
+    """Local expert ``local`` among per-expert tensors ``choices`` (one per global expert, Hugging Face style)."""
+
+    choices: tuple
+    local: int
+
+    def at(self, rank: Rank) -> Ref:
+        e, n = rank.of(Axis.EP)
+        return Ref(self.choices[e * (len(self.choices) // n) + self.local])
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Rows ``[start, stop)`` of a rank's tensor, as a block of the whole parameter.
+
+    ``shape``: the whole parameter as a matrix (rows, columns), one layer and one
+    expert of it; ``offset``: (row, column) where the block starts in it. ``main``:
+    this rank's copy is the one Megatron saves (replica id all zeros); the other
+    ranks holding the same block hold replicas.
+    """
+
+    start: int
+    stop: int
+    shape: tuple
+    offset: tuple
+    main: bool
+
+
+def _is_expert(axis, *srcs) -> bool:
+    return axis in (Axis.EP, Axis.ETP) or any(isinstance(s, (ExpertRef, ExpertOf)) for s in srcs)
+
+
 def _ref(x, rank: Rank) -> Ref:
-    if isinstance(x, SourceTensor):
-        return Ref(x)
-    return x if isinstance(x, Ref) else x.at(rank)
+    """A rule's source as a Ref at ``rank``.
+
+    Rank-dependent references (:class:`ExpertRef`, :class:`ExpertOf`) resolve
+    with ``at(rank)``; anything else is a source tensor, stored whole
+    (``SourceTensor``) or as per-rank slices (``CompositeTensor``), seen whole.
+    """
+    if isinstance(x, Ref):
+        return x
+    at = getattr(x, "at", None)
+    return at(rank) if at is not None else Ref(x)
 
 
 @dataclass(frozen=True)
@@ -51,6 +98,10 @@ class Whole:
     def pieces(self, rank: Rank) -> list:
         ref = _ref(self.src, rank)
         return [ref.select(0, ref.shape[0])]
+
+    def placements(self, rank: Rank) -> list:
+        rows, cols = _ref(self.src, rank).shape
+        return [Placement(0, rows, (rows, cols), (0, 0), rank.is_main(_is_expert(None, self.src)))]
 
 
 @dataclass(frozen=True)
@@ -70,6 +121,15 @@ class Chunk:
             return [ref.select(r * c, (r + 1) * c)]
         c = cols // n
         return [ref.select(0, rows, 1, r * c, (r + 1) * c)]
+
+    def placements(self, rank: Rank) -> list:
+        rows, cols = _ref(self.src, rank).shape
+        r, n = rank.of(self.axis)
+        main = rank.is_main(_is_expert(self.axis, self.src), (self.axis,))
+        if self.dim == 0:
+            c = rows // n
+            return [Placement(0, c, (rows, cols), (r * c, 0), main)]
+        return [Placement(0, rows, (rows, cols), (0, r * (cols // n)), main)]
 
 
 @dataclass(frozen=True)
@@ -96,6 +156,22 @@ class VocabChunk:
         if pad > 0:
             out.append(ref.select(have - 1, have, repeat=pad))
         return out
+
+    def placements(self, rank: Rank) -> list:
+        cols = _ref(self.src, rank).shape[1]
+        r, n = rank.of(self.axis)
+        c = self.padded // n
+        main = rank.is_main(_is_expert(self.axis, self.src), (self.axis,))
+        return [Placement(0, c, (self.padded, cols), (r * c, 0), main)]
+
+
+def _qkv_placements(rank: Rank, axis, heads: int, groups: int, head_dim: int, cols: int, *srcs) -> list:
+    """A rank holds whole query groups, each [q heads; k; v] rows: a contiguous block of the whole."""
+    r, n = rank.of(axis)
+    per_rank = (groups // n) * (heads // groups + 2) * head_dim
+    total = groups * (heads // groups + 2) * head_dim
+    return [Placement(0, per_rank, (total, cols), (r * per_rank, 0),
+                      rank.is_main(_is_expert(axis, *srcs), (axis,)))]
 
 
 @dataclass(frozen=True)
@@ -130,6 +206,10 @@ class QkvFused:
             out.append(ref.select(nq * d + ng * d + g * d, nq * d + ng * d + (g + 1) * d))
         return merge(out)
 
+    def placements(self, rank: Rank) -> list:
+        cols = _ref(self.src, rank).shape[1]
+        return _qkv_placements(rank, self.axis, self.heads, self.groups, self.head_dim, cols, self.src)
+
 
 @dataclass(frozen=True)
 class QkvParts:
@@ -156,6 +236,20 @@ class QkvParts:
             out.append(v.select(g * d, (g + 1) * d))
         return out
 
+    def placements(self, rank: Rank) -> list:
+        cols = _ref(self.q, rank).shape[1]
+        return _qkv_placements(rank, self.axis, self.heads, self.groups, self.head_dim, cols,
+                               self.q, self.k, self.v)
+
+
+def _gated_placements(rank: Rank, axis, ffn: int, cols: int, *srcs) -> list:
+    """A rank's [gate_r; up_r] is two blocks of the whole [gate; up]: Megatron shards them apart."""
+    r, n = rank.of(axis)
+    c = ffn // n
+    main = rank.is_main(_is_expert(axis, *srcs), (axis,))
+    return [Placement(0, c, (2 * ffn, cols), (r * c, 0), main),
+            Placement(c, 2 * c, (2 * ffn, cols), (ffn + r * c, 0), main)]
+
 
 @dataclass(frozen=True)
 class GatedFused:
@@ -179,6 +273,9 @@ class GatedFused:
             return [ref.select(r * c, (r + 1) * c), ref.select(f + r * c, f + (r + 1) * c)]
         return [ref.select(2 * r * c, 2 * (r + 1) * c, 2), ref.select(2 * r * c + 1, 2 * (r + 1) * c, 2)]
 
+    def placements(self, rank: Rank) -> list:
+        return _gated_placements(rank, self.axis, self.ffn, _ref(self.src, rank).shape[1], self.src)
+
 
 @dataclass(frozen=True)
 class GatedParts:
@@ -194,3 +291,6 @@ class GatedParts:
         r, n = rank.of(self.axis)
         c = self.ffn // n
         return [gate.select(r * c, (r + 1) * c), up.select(r * c, (r + 1) * c)]
+
+    def placements(self, rank: Rank) -> list:
+        return _gated_placements(rank, self.axis, self.ffn, _ref(self.gate, rank).shape[1], self.gate, self.up)

@@ -19,7 +19,8 @@ def infer_dense(lt: LayerTensors, h: int, o, notes: list) -> MlpConfig:
     if len(fc2.shape) != 2 or fc2.shape[0] != h:
         raise InputError(f"{fc2.path}: {fc2.name} has shape {list(fc2.shape)}; expected [{h}, ffn]")
     ffn = fc2.shape[1]
-    check_flag("--ffn-hidden-size", o.ffn_hidden_size, ffn, f"{fc2.name} {list(fc2.shape)} gives ffn hidden size")
+    check_flag(o.source_of("ffn_hidden_size", "--ffn-hidden-size"), o.ffn_hidden_size, ffn,
+               f"{fc2.name} {list(fc2.shape)} gives ffn hidden size")
     return MlpConfig(MlpKind.DENSE, ffn, gated=False, bias=False, split=split)
 
 

@@ -38,15 +38,23 @@ class Tensors:
     def layer(self, i: int) -> "LayerTensors":
         return LayerTensors(self, i)
 
+    def mtp_layer(self, k: int) -> "LayerTensors":
+        """The transformer layer inside multi-token-prediction layer ``k``."""
+        return LayerTensors(self, k, f"mtp.layers.{k}.transformer_layer.")
+
 
 class LayerTensors:
     """The tensors of one layer, addressed by their per-layer suffix."""
 
-    def __init__(self, tensors: Tensors, i: int):
-        self.tensors, self.i = tensors, i
+    def __init__(self, tensors: Tensors, i: int, prefix: str | None = None):
+        self.tensors, self.i, self.prefix = tensors, i, prefix
+
+    @property
+    def label(self) -> str:
+        return f"layer {self.i}" if self.prefix is None else f"MTP layer {self.i}"
 
     def key(self, suffix: str) -> str:
-        return layer_key(self.i, suffix)
+        return layer_key(self.i, suffix) if self.prefix is None else self.prefix + suffix
 
     def get(self, suffix: str):
         return self.tensors.get(self.key(suffix))

@@ -232,7 +232,19 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> dict:
     Returns the summary dict. Raises :class:`~streamconv.core.errors.StreamconvError`
     subclasses with one-line messages on bad input, flags, paths or write faults.
     """
+    from .distributed import convert_distributed, torchrun_world
+
     progress = progress or Progress(silent=True)
+    world = torchrun_world()
+    if world is not None:  # started by torchrun: one worker of several
+        rank, size = world
+        if rank != 0:
+            progress.quiet = True  # the coordinator speaks for the job
+        with InterruptGuard():
+            summary = convert_distributed(options, progress, rank, size)
+        if rank == 0:
+            progress.done(summary)
+        return summary
     t0 = time.monotonic()
     with InterruptGuard():
         try:

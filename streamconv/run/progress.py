@@ -149,6 +149,10 @@ class Progress:
             f"peak RSS {human(s['peak_rss_bytes'])} of {human(s['budget_bytes'])} budget",
             file=out, flush=True,
         )
+        for w in s.get("per_worker", ()):
+            print(f"streamconv:   worker {w['rank']} on {w['host']}: {w['files']} files, read "
+                  f"{human(w['read_bytes'])} in {w['wall_seconds']:.1f} s, peak RSS {human(w['peak_rss_bytes'])}",
+                  file=sys.stdout, flush=True)
         if s.get("notes"):
             # the run's surprises in one block: assumed layouts, skipped entries, vocab padding
             print("streamconv: notes:", file=out)

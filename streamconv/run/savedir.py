@@ -410,8 +410,9 @@ class SaveDir:
                 return f"no {rel}"
             if got != data:
                 return f"{rel} holds {got[:20]!r}, this conversion writes {data[:20]!r}"
+        final = {rel for rel, _ in self.final_files}
         for rel in self._own_files():
-            if rel not in self.files:
+            if rel not in self.files and rel not in final:
                 return f"{rel} is not part of this conversion's layout"
         for rel, f in self.files.items():
             path = os.path.join(root, rel)
@@ -450,10 +451,11 @@ class SaveDir:
     def _stale(self, a: Assessment, check_only: bool = False) -> bool:
         """Files of an earlier conversion that this one does not write: recognised ones go, others stay."""
         found = False
+        final = {rel for rel, _ in self.final_files}  # rewritten at the end, not removed
         for name in FORMATS:
             fmt = get_format(name)
             for rel in fmt.own_files(self.root):
-                if rel in self.files or rel in a.remove or rel in a.unrecognised:
+                if rel in self.files or rel in final or rel in a.remove or rel in a.unrecognised:
                     continue
                 if fmt.is_own_file(os.path.join(self.root, rel)):
                     found = True

@@ -140,7 +140,7 @@ def _check_layout(plan: Plan, report: VerifyReport) -> None:
         for name in sorted(names):
             if name.endswith(TEMP_SUFFIX):
                 report.add(os.path.relpath(os.path.join(d, name), root), "leftover temporary file")
-    seen = set()
+    seen = {rel for rel, _ in plan.final_files}  # checked above
     for name in FORMATS:  # another format's files in the same directory are leftovers too
         for rel in get_format(name).own_files(root):
             if rel not in want and rel not in seen:

@@ -6,18 +6,22 @@ validates each header (:mod:`.header`), and asks the naming schemes
 :class:`~.tensor.SourceTensor` s under their canonical names; optimizer states,
 step counters and placeholders are skipped and counted; anything else is
 refused, because guessing would risk a silently wrong model.
+
+Per-rank training output is indexed by :mod:`.msdist.index` into
+:class:`~.msdist.composite.CompositeTensor` s (each weight read from the slices
+that tile it); everything after the index treats both alike.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-from ..core.errors import InputError
+from ..core.errors import FlagError, InputError
 from .header import read_header
 from .locate import locate
 from .mapped import file_identity
-from .schemes import SCHEMES, EntryClass, classify
+from .schemes import SCHEMES, EntryClass, classify, refusal
 from .tensor import Skipped, SourceTensor
 
 
@@ -29,6 +33,8 @@ class SourceIndex:
     tensors: dict  # canonical name -> SourceTensor
     skipped: Skipped
     schemes: tuple = ()  # the InputSchemes whose names occur, in registry order
+    strategy_files: list = field(default_factory=list)  # per-rank input: the parallel strategy files read
+    details: list = field(default_factory=list)  # (label, text) lines plan prints about the input
 
     @property
     def scheme(self):
@@ -43,24 +49,50 @@ class SourceIndex:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    @property
+    def assembled(self) -> bool:
+        """Some weight is assembled from several slices, so a read may need an assembly buffer."""
+        return any(len(getattr(t, "slices", ())) > 1 for t in self.tensors.values())
+
     def fingerprint(self) -> list:
-        """What identifies this input for ``--resume``: files with size, mtime and inode.
+        """What identifies this input for ``--resume``: files (every rank file, the strategy) with size, mtime
+        and inode.
 
         The inode tells a file replaced by another of the same size and time (a
         copy renamed into place); the stream checks the same identity when it
         opens each file, so a file changed after planning is refused.
         """
         out = []
-        for p in self.files:
+        for p in list(self.files) + list(self.strategy_files):
             st = os.stat(p)
             out.append([os.path.abspath(p), *file_identity(st)])
         return out
 
 
-def index_checkpoint(load_path: str) -> SourceIndex:
-    """Read every header of the checkpoint at ``load_path`` and classify its tensors."""
+def index_checkpoint(load_path: str, strategy_path: str | None = None, step: int | None = None) -> SourceIndex:
+    """Read every header of the checkpoint at ``load_path`` and classify its tensors.
+
+    ``strategy_path`` and ``step`` (``--src-strategy-path``, ``--step``) apply to
+    per-rank training output only.
+    """
     skipped = Skipped()
     found = locate(load_path, skipped)
+    if found.per_rank is not None:
+        from .msdist.index import index_distributed  # imports protobuf
+
+        d = index_distributed(found.per_rank, strategy_path, step, skipped)
+        tensors, schemes = settle_schemes(load_path, d.tensors, d.schemes)
+        return SourceIndex(load_path, d.layout, d.files, tensors, skipped, schemes, d.strategy_files, d.details)
+    if strategy_path is not None:
+        raise FlagError(
+            f"--src-strategy-path {strategy_path}: only per-rank training output (rank_N/..._rank_N-E_S.safetensors) "
+            f"has a parallel strategy, and {load_path} is a merged checkpoint ({found.layout}); drop the flag"
+        )
+    if step is not None:
+        raise FlagError(
+            f"--step {step}: chooses among the steps saved in per-rank training output, and {load_path} is a "
+            f"merged checkpoint ({found.layout}); drop the flag"
+        )
     weight_map = found.weight_map
     tensors: dict = {}
     raw_seen: dict = {}
@@ -90,10 +122,20 @@ def index_checkpoint(load_path: str) -> SourceIndex:
             if cls.kind is EntryClass.PLACEHOLDER:
                 skipped.placeholders += 1
                 continue
+            if cls.kind is EntryClass.BUFFER:
+                skipped.buffers += 1
+                continue
+            if cls.kind is EntryClass.ARTIFACT:
+                skipped.artifacts.append(name)
+                continue
             if cls.kind is EntryClass.UNKNOWN:
+                why = refusal(name)
+                if why:
+                    raise InputError(f"{path}: {why}")
                 unknown.append((name, path))
                 continue
-            used.add(cls.scheme.name)
+            if not cls.shared:
+                used.add(cls.scheme.name)
             if cls.canonical in tensors:
                 other = tensors[cls.canonical]
                 raise InputError(
@@ -118,5 +160,19 @@ def index_checkpoint(load_path: str) -> SourceIndex:
         )
     if not tensors:
         raise InputError(f"{load_path}: holds no model weights (only optimizer or step entries)")
-    schemes = tuple(s for s in SCHEMES if s.name in used)
+    tensors, schemes = settle_schemes(load_path, tensors, used)
     return SourceIndex(load_path, found.layout, found.files, tensors, skipped, schemes)
+
+
+def settle_schemes(load_path: str, tensors: dict, used: set) -> tuple:
+    """(tensors, schemes): the schemes whose names occur, checked to go together; shared names given the scheme."""
+    schemes = tuple(s for s in SCHEMES if s.name in used)
+    alone = next((s for s in schemes if s.exclusive), None)
+    if alone is not None and len(schemes) > 1:
+        other = next(s for s in schemes if s is not alone)
+        raise InputError(
+            f"{load_path}: mixes {alone.description} with {other.description}; convert one checkpoint at a time"
+        )
+    if schemes:  # a name several schemes share (lm_head.weight) belongs to the checkpoint's scheme
+        tensors = {k: t if t.scheme in used else replace(t, scheme=schemes[0].name) for k, t in tensors.items()}
+    return tensors, schemes

@@ -4,9 +4,17 @@ FORMAT.md §1 "How checkpoints sit on disk": one file, a directory, a directory
 with ``param_name_map.json`` or ``model.safetensors.index.json``, a unified
 directory whose ``hyper_param.safetensors`` must never be read as weights,
 mindformers' newer ``iteration_XXXXXXXX/model-*.safetensors`` output, or
-per-rank training output that holds TP *slices* and is refused here. The
+per-rank training output (``[checkpoint/]rank_N/<prefix>_rank_N-E_S.safetensors``)
+whose files hold *slices*, read through its strategy by :mod:`.msdist`. A Hugging
+Face model directory (``config.json`` + ``model.safetensors`` or shards with
+``model.safetensors.index.json``) is a directory with an index like any other;
+its ``config.json`` may also be given as the path. The
 answer is a list of files (plus, for an index, the name -> file map to check
-them against); nothing but directory listings and small JSON files is read.
+them against), or, for per-rank output, the directory to hand to
+:mod:`.msdist`; nothing but directory listings and small JSON files is read.
+One rank's directory or file alone is refused: it holds slices of every
+weight, never a whole one; except a lone ``rank_0/`` (no other ``rank_N``
+beside it), the output of a one-device run, whose file holds whole weights.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from .tensor import Skipped
 
 HYPER_PARAM_FILE = "hyper_param.safetensors"
 UNIFIED_MAP = "param_name_map.json"
+MODEL_CONFIG = "config.json"  # a Hugging Face model's description, beside its weights
 _PER_RANK_FILE_RE = re.compile(r".*_rank_\d+-\d+_\d+\.safetensors")
 _RANK_DIR_RE = re.compile(r"rank_\d+")
 _ITER_DIR_RE = re.compile(r"iteration_(\d+)")
@@ -32,6 +41,7 @@ class Located:
     layout: str  # human description of what was found
     files: list  # safetensors files to read, in order
     weight_map: dict | None  # name -> file name, when an index said where each tensor is
+    per_rank: str | None = None  # per-rank training output: the directory msdist.discover reads
 
 
 def _read_index_json(path: str) -> dict:
@@ -43,6 +53,8 @@ def _read_index_json(path: str) -> dict:
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read the index file ({e}); re-copy or remove it") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
+    if wm is None and isinstance(obj, dict) and obj and all(isinstance(v, str) for v in obj.values()):
+        wm = obj  # mindformers' convert_weight.py writes param_name_map.json as a flat {name: file}
     if not isinstance(wm, dict):
         raise InputError(f"{path}: index has no 'weight_map' of tensor name -> file name")
     for k, v in wm.items():
@@ -51,20 +63,49 @@ def _read_index_json(path: str) -> dict:
     return wm
 
 
-def _refuse_per_rank(directory: str) -> None:
+def _lone_rank_0(directory: str) -> bool:
+    """``rank_0`` with no other ``rank_N`` beside it: a one-device run, whose files hold whole weights."""
+    if os.path.basename(os.path.normpath(directory)) != "rank_0":
+        return False
+    parent = os.path.dirname(os.path.abspath(directory))
+    try:
+        siblings = [e for e in os.listdir(parent) if _RANK_DIR_RE.fullmatch(e)]
+    except OSError:
+        return False
+    return siblings == ["rank_0"]
+
+
+def _has_rank_files(directory: str) -> bool:
+    """``directory`` holds ``rank_N/`` subdirectories or ``*_rank_N-E_S.safetensors`` files."""
     try:
         entries = os.listdir(directory)
     except OSError:
-        return
-    rank_dirs = sorted(e for e in entries if _RANK_DIR_RE.fullmatch(e) and os.path.isdir(os.path.join(directory, e)))
-    per_rank_files = [e for e in entries if _PER_RANK_FILE_RE.fullmatch(e)]
-    if rank_dirs or per_rank_files or _RANK_DIR_RE.fullmatch(os.path.basename(os.path.normpath(directory))):
-        what = os.path.join(directory, rank_dirs[0]) if rank_dirs else directory
-        raise InputError(
-            f"{what}: per-rank (unmerged) training output; its files hold tensor-parallel slices, "
-            "not whole weights. Merge them first (mindspore.unified_safetensors / mindformers' "
-            "unified checkpoint tool) and point --load-dir at the merged directory"
-        )
+        return False
+    return any(
+        (_RANK_DIR_RE.fullmatch(e) and os.path.isdir(os.path.join(directory, e))) or _PER_RANK_FILE_RE.fullmatch(e)
+        for e in entries
+    )
+
+
+def _one_rank(what: str) -> InputError:
+    return InputError(
+        f"{what}: one rank's part of a per-rank (unmerged) training run, which holds slices of the weights; "
+        "point --load-dir at the directory holding every rank_N/ (the run's output or its checkpoint/ "
+        "directory) and give --src-strategy-path if the strategy/ directory is not beside checkpoint/"
+    )
+
+
+def _per_rank_root(directory: str) -> str | None:
+    """``directory`` if it is per-rank training output (or holds it in ``checkpoint/``), else None."""
+    if _has_rank_files(os.path.join(directory, "checkpoint")):
+        return directory
+    if not _has_rank_files(directory):
+        return None
+    if _RANK_DIR_RE.fullmatch(os.path.basename(os.path.normpath(directory))):
+        if _lone_rank_0(directory):
+            return None  # a one-device run: its file holds whole weights, read as a plain directory
+        raise _one_rank(directory)
+    return directory
 
 
 def _files_from_index(directory: str, index_path: str, skipped: Skipped):
@@ -93,6 +134,8 @@ def locate(load_path: str, skipped: Skipped) -> Located:
         raise PathError(f"--load-dir {load_path} does not exist; give the checkpoint file or directory")
     if not os.path.isfile(load_path) and not os.path.isdir(load_path):
         raise PathError(f"--load-dir {load_path} is not a file or directory (a device or FIFO?); give the checkpoint")
+    if os.path.isfile(load_path) and os.path.basename(load_path) == MODEL_CONFIG:
+        load_path = os.path.dirname(os.path.abspath(load_path))  # a Hugging Face model named by its config.json
     if os.path.isfile(load_path):
         base = os.path.basename(load_path)
         if base == HYPER_PARAM_FILE:
@@ -104,8 +147,8 @@ def locate(load_path: str, skipped: Skipped) -> Located:
             d = os.path.dirname(os.path.abspath(load_path))
             files, wm = _files_from_index(d, load_path, skipped)
             return Located(f"index {base}", files, wm)
-        if _PER_RANK_FILE_RE.fullmatch(base):
-            _refuse_per_rank(os.path.dirname(os.path.abspath(load_path)) or ".")
+        if _PER_RANK_FILE_RE.fullmatch(base) and not _lone_rank_0(os.path.dirname(os.path.abspath(load_path))):
+            raise _one_rank(load_path)
         return Located("single file", [load_path], None)
 
     directory = load_path
@@ -120,7 +163,9 @@ def locate(load_path: str, skipped: Skipped) -> Located:
         if not os.path.isdir(sub):
             raise InputError(f"{tracker}: names iteration {step} but {sub} does not exist; the checkpoint is incomplete")
         directory = sub
-    _refuse_per_rank(directory)
+    root = _per_rank_root(directory)
+    if root is not None:
+        return Located("per-rank training output", [], None, per_rank=root)
 
     for index_name in (UNIFIED_MAP, "model.safetensors.index.json"):
         idx = os.path.join(directory, index_name)

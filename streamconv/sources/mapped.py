@@ -12,7 +12,9 @@ that becomes a one-line :class:`~streamconv.core.errors.InputError` naming the
 file, with the save directory left resumable. The copy from the page cache
 into the staging buffer costs about what faulting the mapped pages in cost, and
 the staging buffer is the only source-side memory (page cache pages are not
-part of the process), so the memory model counts one source block.
+part of the process), so the memory model counts one staging buffer — two for
+per-rank input, whose reads that span slices are assembled in a buffer of
+their own (:meth:`SourceFiles.scratch`).
 
 :class:`SourceFiles` opens each input file once, read-only, and checks that it
 is still the file that was planned (size, modification time, inode: the input
@@ -64,6 +66,22 @@ class SourceFiles:
     def __init__(self, expect: dict | None = None):
         self._fds: dict = {}
         self.expect = dict(expect or {})
+        self._scratch = None
+
+    def scratch(self, nbytes: int) -> np.ndarray:
+        """A reusable uint8 buffer of at least ``nbytes``, for reads that gather rows from several files.
+
+        A tensor stored as slices in several files (per-rank training output) is
+        assembled here: each slice's part is read into the caller's staging
+        buffer (valid until the next read) and copied here at once, so this is a
+        buffer of its own, never the staging buffer. A request is at most one
+        staging read, so neither is this buffer (the memory model counts it).
+        It is allocated on first use only, so inputs stored whole never pay for it.
+        """
+        if self._scratch is None or self._scratch.nbytes < nbytes:
+            self._scratch = None
+            self._scratch = aligned_buffer(nbytes)
+        return self._scratch
 
     def fd(self, path: str) -> int:
         fd = self._fds.get(path)
@@ -134,6 +152,7 @@ class SourceFiles:
             pass
 
     def close(self) -> None:
+        self._scratch = None
         for fd in self._fds.values():
             try:
                 os.close(fd)

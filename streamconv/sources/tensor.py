@@ -10,8 +10,10 @@ It is also how the stream reads: :meth:`SourceTensor.read` returns a block of
 rows (read into the caller's staging buffer) and :meth:`SourceTensor.spans`
 the file byte ranges behind them (to prefetch them and count bytes read). A tensor stored differently — cut into
 slices over several files, as per-rank training output is — is another class
-with the same five members (``shape``, ``dtype``, ``itemsize``, ``read``,
-``spans``), and nothing downstream changes.
+with the same members (``shape``, ``dtype``, ``itemsize``, ``read``,
+``spans``, ``block_end``), and nothing downstream changes. ``block_end`` lets
+such a tensor end a stream block (and each read) at a storage boundary, so that
+a read comes from one slice file rather than being assembled from two.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class SourceTensor:
 
         return [(self.path, *byte_span(self.info, start, stop))]
 
+    def block_end(self, start: int, stop: int) -> int:
+        """Where a block of rows from ``start`` should end, at most ``stop``: here, ``stop`` (one file holds all)."""
+        return stop
+
     def read(self, files, start: int, stop: int, step: int = 1, col0: int = 0, col1=None, staging=None):
         """Rows ``start:stop:step``, columns ``col0:col1`` as a 2-D numpy array (a view of ``staging``)."""
         from .mapped import read_rows
@@ -66,7 +72,10 @@ class Skipped:
     optimizer_bytes: int = 0
     steps: int = 0
     placeholders: int = 0
+    buffers: int = 0
+    artifacts: list = field(default_factory=list)  # names
     files: list = field(default_factory=list)  # (path, reason)
+    other: list = field(default_factory=list)  # (what, [names]): other entries set aside, named in the notes
 
     def lines(self) -> list:
         out = []
@@ -78,7 +87,15 @@ class Skipped:
         if self.steps:
             out.append(f"skipped {self.steps} step/loss-scale entries (global_step, learning_rate, ...)")
         if self.placeholders:
-            out.append(f"skipped {self.placeholders} dropout placeholder entries (no weights)")
+            out.append(f"skipped {self.placeholders} placeholder entries without weights (dropout, rotary inv_freq)")
+        if self.buffers:
+            out.append(f"skipped {self.buffers} MoE router runtime buffers (expert_load / fi_accu: statistics, "
+                       "not weights)")
+        for name in self.artifacts:
+            out.append(f"skipped {name}: no model has it (mindformers' convert_weight writes it by mistake)")
         for path, reason in self.files:
             out.append(f"skipped file {path}: {reason}")
+        for what, names in self.other:
+            shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+            out.append(f"skipped {what}: {shown}")
         return out

@@ -100,7 +100,9 @@ class TorchFormat(OutputFormat):
             storage_sizes.append(e.nbytes)
         pkl = build_pickle(pin.args, model_entries)
         relpath = rank_relpath(coord, pin.sizes)
-        sid = serialization_id(json.dumps([relpath, *pin.seed], sort_keys=True, default=str))
+        # a function of what the file holds (keys, shapes, args), not of how the input was stored or named
+        sid = serialization_id(json.dumps([relpath, *pin.seed, hashlib.sha256(pkl).hexdigest()], sort_keys=True,
+                                          default=str))
         size = archive_size(ARCHIVE_PREFIX, len(pkl), storage_sizes, len(sid))
         return PlannedFile(relpath, entries, size, coord, (pkl, sid))
 

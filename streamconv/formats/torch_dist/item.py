@@ -127,6 +127,11 @@ class TensorItemWriter:
         finish_like_torch(self._w, self._pickle, [self._head])
         return self._w.offset
 
+    @property
+    def records(self) -> list:
+        """(record name, size, crc) of every record of the finished item, in write order."""
+        return [(name.decode(), size, crc) for name, _start, size, crc in self._w.entries]
+
 
 def object_item_bytes(obj) -> bytes:
     """Byte item Megatron writes for a ShardedObject whose local data is ``obj``.

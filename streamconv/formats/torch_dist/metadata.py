@@ -28,6 +28,7 @@ import pickle
 from dataclasses import dataclass
 
 from ...core.errors import InputError
+from ...megatron.sharded import sharded_object_key  # noqa: F401 - Megatron's key rule, re-exported
 
 #: file names inside the iteration directory
 METADATA_FILE = ".metadata"
@@ -64,22 +65,6 @@ class ObjectEntry:
     file: str
     offset: int
     length: int
-
-
-def sharded_object_key(key: str, global_offset: tuple, global_shape: tuple) -> str:
-    """Megatron's ``ShardedObject.unique_key``: ``<key>/shard_<offset>_<shape>``, dot-joined.
-
-    Megatron parses it back with ``unique_key.split('/')`` (so ``key`` must not
-    contain ``/``) and the part after the slash with ``split('_')``; dots and
-    underscores in ``key`` are fine (``decoder.layers.mlp.linear_fc1._extra_state``).
-    """
-    if "/" in key:
-        raise ValueError(f"sharded object key {key!r} must not contain '/'")
-    if len(global_offset) != len(global_shape):
-        raise ValueError(f"sharded object {key}: offset {global_offset} and shape {global_shape} differ in rank")
-    off = ".".join(str(int(o)) for o in global_offset)
-    shp = ".".join(str(int(s)) for s in global_shape)
-    return f"{key}/shard_{off}_{shp}"
 
 
 def _torch_dtype(dtype: str):

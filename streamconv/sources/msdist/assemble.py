@@ -35,7 +35,8 @@ from .boxes import full_shape_from_piece, rank_box
 from .ranks import RankSet
 from .strategy import Strategy
 
-_SKIP_KINDS = (EntryClass.OPTIMIZER, EntryClass.STEP, EntryClass.PLACEHOLDER)
+#: entries every input sets aside (optimizer states, step scalars, placeholders, runtime buffers)
+_SKIP_KINDS = tuple(k for k in EntryClass if k not in (EntryClass.WEIGHT, EntryClass.UNKNOWN))
 
 
 @dataclass(frozen=True)

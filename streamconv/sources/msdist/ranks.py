@@ -183,9 +183,11 @@ def discover(load_dir: str, strategy_path: str | None = None, step: int | None =
             "every rank's files are needed"
         )
     if strategy_path is None:
+        lone = (f"; a one-device run saves no strategy: then point --load-dir at its rank_0/ directory, whose file "
+                "holds whole weights") if sorted(by_rank) == [0] else ""
         raise InputError(
             f"{checkpoint_dir}: per-rank files need the run's parallel strategy; give --src-strategy-path "
-            "(the strategy/ directory or merged strategy file)"
+            f"(the strategy/ directory or merged strategy file){lone}"
         )
     (epoch, stp), files = _pick(by_rank, checkpoint_dir, step)
     return RankSet(checkpoint_dir, files, strategy_path, epoch, stp)

@@ -35,7 +35,15 @@ class EntryClass(Enum):
     OPTIMIZER = "optimizer"
     STEP = "step"
     PLACEHOLDER = "placeholder"  # dropout entries: no weights
+    BUFFER = "buffer"  # runtime counters saved beside the weights (MoE router load statistics)
+    ARTIFACT = "artifact"  # tensors a converter writes that no model has
     UNKNOWN = "unknown"
+
+
+#: MoE routers' runtime statistics (FORMAT.md §6): zeros or counts, never weights
+BUFFER_SUFFIXES = (".router.expert_load", ".router.fi_accu")
+#: mindformers' convert_weight writes this when a model has *no* MTP layer (an inverted condition)
+ARTIFACTS = frozenset({"mtp.output_layer.weight"})
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class NameClass:
     canonical: str | None = None
     layer: int | None = None
     scheme: "InputScheme | None" = None
+    shared: bool = False  # several schemes use this name (``lm_head.weight``): it does not tell the scheme
 
 
 def non_weight_class(name: str) -> EntryClass | None:
@@ -54,6 +63,10 @@ def non_weight_class(name: str) -> EntryClass | None:
         return EntryClass.STEP
     if "dropout" in name:
         return EntryClass.PLACEHOLDER
+    if name.endswith(BUFFER_SUFFIXES):
+        return EntryClass.BUFFER
+    if name in ARTIFACTS:
+        return EntryClass.ARTIFACT
     return None
 
 
@@ -90,6 +103,10 @@ class InputScheme:
     layer_suffixes: dict = {}
     #: regex with the layer index as group 1 and the suffix as group 2
     layer_pattern: re.Pattern = re.compile(r"$^")
+    #: a checkpoint with this scheme's names may hold no other scheme's (whose layouts and notes would differ)
+    exclusive = False
+    #: the names alone do not tell the architecture: a model config (config.json) must come with the weights
+    needs_model_config = False
 
     def __init__(self):
         self._globals_by_stored = {v: k for k, v in self.globals.items()}
@@ -116,3 +133,7 @@ class InputScheme:
     def notes(self, config, options) -> list:
         """What the user must know about how this input was read (assumed layouts, fusions)."""
         return []
+
+    def refusal(self, name: str) -> str | None:
+        """A one-line refusal for a name of this family that streamconv cannot convert yet, or None."""
+        return None

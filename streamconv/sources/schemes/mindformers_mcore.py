@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .base import LAYER_INDEX, InputScheme
+from .base import LAYER_INDEX, EntryClass, InputScheme, NameClass
 from .mindformers_layouts import layout_notes
 
 #: per-layer suffixes of current mindformers (mcore) checkpoints
@@ -21,7 +21,22 @@ LAYER_SUFFIXES = (
     "pre_mlp_layernorm.weight", "pre_mlp_layernorm.bias",
     "mlp.linear_fc1.weight", "mlp.linear_fc1.bias",
     "mlp.linear_fc2.weight", "mlp.linear_fc2.bias",
+    # multi-latent attention (DeepSeek); mindformers' mla_qkv_concat form adds linear_qb / linear_kvb and
+    # reuses linear_qkv (rows [q_a; c_kv; k_pe]) and k_layernorm (the kv_a norm)
+    "self_attention.linear_q_proj.weight",
+    "self_attention.linear_q_down_proj.weight", "self_attention.linear_q_up_proj.weight",
+    "self_attention.linear_kv_down_proj.weight", "self_attention.linear_kv_up_proj.weight",
+    "self_attention.kv_layernorm.weight",
+    "self_attention.linear_qb.weight", "self_attention.linear_kvb.weight",
+    # mixture of experts: router, stacked routed experts ([E*in, out], transposed vs Megatron), shared experts
+    "mlp.router.weight", "mlp.router.expert_bias",
+    "mlp.experts.weight1", "mlp.experts.weight2",
+    "mlp.shared_experts.linear_fc1.weight", "mlp.shared_experts.linear_fc2.weight",
+    "mlp.shared_experts.shared_experts_gate.weight",
 )
+
+#: per-MTP-layer suffixes besides its transformer_layer (mtp.layers.K.transformer_layer.<layer suffix>)
+MTP_SUFFIXES = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "final_layernorm.weight")
 
 _WRAPPED = ("model.decoder.", "model.embedding.", "model.output_layer.")
 
@@ -38,9 +53,23 @@ class MindformersMcore(InputScheme):
     layer_suffixes = {s: s for s in LAYER_SUFFIXES}
     layer_pattern = re.compile(rf"decoder\.layers\.{LAYER_INDEX}\.(.+)")
 
+    mtp_pattern = re.compile(rf"mtp\.layers\.{LAYER_INDEX}\.(.+)")
+
     def normalize(self, name: str) -> str:
         # some mindformers wrappers keep the mcore model under ``model.``; same weights
         return name[len("model."):] if name.startswith(_WRAPPED) else name
+
+    def canonical(self, name: str):
+        found = super().canonical(name)
+        if found is not None:
+            return found
+        m = self.mtp_pattern.fullmatch(self.normalize(name))
+        if m:
+            suffix = m.group(2)
+            inner = suffix[len("transformer_layer."):] if suffix.startswith("transformer_layer.") else None
+            if suffix in MTP_SUFFIXES or inner in self.layer_suffixes:
+                return NameClass(EntryClass.WEIGHT, f"mtp.layers.{int(m.group(1))}.{suffix}", None, self)
+        return None
 
     def notes(self, config, options) -> list:
         return layout_notes(config, options)
