@@ -34,6 +34,12 @@ SHARED = os.environ.get("STREAMCONV_SHARED", os.path.join(REPO, "..", "shared"))
 SHARED_GOLDEN = os.path.join(SHARED, "golden")
 HAVE_SHARED = os.path.isdir(SHARED_GOLDEN)
 
+#: a synthetic dense model's values that neither the weights nor a model config give, stated with their flags
+#: (the defaults the run would assume): with them and the layouts given, --quiet has nothing to say, so a test
+#: can expect stderr to be exactly its one error line
+STATED_SETTINGS = ["--rotary-base", "10000", "--seq-length", "2048", "--max-position-embeddings", "2048",
+                   "--norm-epsilon", "1e-5"]
+
 # Only for data that tests/data does not hold (a clone without ../shared reports such tests as skipped);
 # for the golden cases and fixtures use GOLDEN / FIXTURES_ROOT above, which are always there.
 needs_shared = pytest.mark.skipif(not HAVE_SHARED, reason="../shared/golden not present")

@@ -57,7 +57,7 @@ def test_user_output_dir_with_foreign_files_is_refused_untouched(ckpt, tmp_path)
     p = run_demo([str(ckpt), str(precious), *FLAGS])
     assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
     # convert's own one-line refusal, naming the directory
-    assert "is not empty and is not a partial streamconv output" in p.stderr, p.stderr
+    assert "is not empty and holds no streamconv output" in p.stderr and "--overwrite" in p.stderr, p.stderr
     assert str(precious) in p.stderr
     assert "Traceback" not in p.stderr
     assert snapshot(str(precious)) == before

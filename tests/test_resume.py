@@ -17,11 +17,13 @@ import time
 import pytest
 
 import synth
-from helpers import run_cli, tree
+from helpers import STATED_SETTINGS, run_cli, tree
 
 SPEC = synth.ModelSpec(layers=8, hidden=512, ffn=1024, heads=8, groups=4, vocab=4000, files=3)
+# the layouts and the args values are stated, so --quiet prints nothing but errors (an assumption would be printed)
 FLAGS = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "4",
-         "--num-attention-heads", "8", "--saver-transformer-impl", "local", "--quiet", "--max-memory", "400MB"]
+         "--num-attention-heads", "8", "--saver-transformer-impl", "local", "--quiet", "--max-memory", "400MB",
+         "--fc1-layout", "interleaved", "--qkv-layout", "grouped", *STATED_SETTINGS]
 
 
 @pytest.fixture(scope="module")
@@ -245,10 +247,10 @@ def test_killed_between_tracker_and_manifest_removal(source, reference, tmp_path
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A 6 MiB tmpfs to fill up (needs root, as on the CI machine); skipped elsewhere."""
+    """A 60 MiB tmpfs to fill up (needs root, as on the CI machine); skipped elsewhere."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6M", "tmpfs", str(mnt)], capture_output=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60M", "tmpfs", str(mnt)], capture_output=True)
     if p.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (not root?)")
     yield mnt
@@ -256,14 +258,29 @@ def small_tmpfs(tmp_path):
 
 
 def test_disk_full_fails_cleanly_and_resume_finishes(source, reference, small_tmpfs):
+    """The disk fills up while the run writes (another process takes the space): exit 3, resumable."""
     save = str(small_tmpfs / "out")
-    p = run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS], check=False)
-    assert p.returncode == 3, p.stderr
-    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    filler = small_tmpfs / "filler"
+    proc = _start(source, save)
+    t0 = time.time()
+    while not _any_temp(save):  # the free-space check has passed: now someone else fills the disk
+        assert proc.poll() is None and time.time() - t0 < 120, "no temp file appeared"
+        time.sleep(0.002)
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 2**20)
+                f.flush()
+        except OSError:
+            pass
+    out, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 3, err
+    lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("streamconv: error:") and "disk is full" in lines[0]
-    assert "--resume" in lines[0] and "Traceback" not in p.stderr
+    assert "--resume" in lines[0] and "Traceback" not in err
     assert not os.path.exists(os.path.join(save, "latest_checkpointed_iteration.txt"))
     assert not _any_temp(save)
-    subprocess.run(["mount", "-o", "remount,size=200M", str(small_tmpfs)], check=True)
+    os.remove(filler)
     run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS, "--resume"])
     assert _files(save) == _files(reference)

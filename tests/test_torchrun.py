@@ -163,3 +163,42 @@ def test_workers_that_disagree_on_the_input_refuse(source, tmp_path):
     assert ra[0] != 0 and rb[0] != 0
     assert "do not agree on the plan" in ra[2] + rb[2]
     assert not os.path.exists(os.path.join(save, "latest_checkpointed_iteration.txt"))
+
+
+def _stat_tree(root) -> dict:
+    out = {}
+    for rel in tree(root):
+        st = os.stat(os.path.join(root, rel))
+        out[rel] = (open(os.path.join(root, rel), "rb").read(), st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def test_rerun_into_a_finished_output_is_nothing_to_do_for_every_worker(source, reference, tmp_path):
+    """The coordinator assesses the save directory for the job: a complete identical conversion is left alone."""
+    import shutil
+
+    save = str(tmp_path / "out")
+    shutil.copytree(reference, save)
+    before = _stat_tree(save)
+    rc, out, err = _finish(_torchrun(["--standalone", "--nproc-per-node", "2"], source, save,
+                                     ["--json-summary", str(tmp_path / "s.json")]))
+    assert rc == 0, err[-2000:]
+    assert "nothing to do" in out, out
+    assert _stat_tree(save) == before  # same bytes, mtimes and inodes: nothing rewritten
+    s = json.load(open(tmp_path / "s.json"))
+    assert s["nothing_to_do"] and s["files_written"] == [] and s["workers"] == 2
+
+
+def test_another_conversion_in_the_save_dir_is_refused_by_every_worker(source, reference, tmp_path):
+    """The coordinator's refusal (here: another layout, without --overwrite) ends every worker, nothing written."""
+    import shutil
+
+    save = str(tmp_path / "out")
+    shutil.copytree(reference, save)
+    before = _stat_tree(save)
+    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "streamconv", "convert", "--load-dir", source,
+           "--save-dir", save, *[f if f != "4" else "2" for f in FLAGS], "--quiet"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert p.returncode != 0
+    assert "--overwrite" in p.stderr, p.stderr[-2000:]
+    assert _stat_tree(save) == before

@@ -14,6 +14,8 @@ from __future__ import annotations
 import queue
 import threading
 
+from .interrupts import checkpoint
+
 _STOP = object()
 
 
@@ -43,7 +45,13 @@ class BackgroundWorker:
     def submit(self, fn, *args, after=None) -> None:
         """Queue ``fn(*args)``; raise the first earlier error instead of queueing after one."""
         self.check()
-        self.q.put((fn, args, after))
+        while True:  # a full queue waits for the thread, but an interrupt is still taken
+            try:
+                self.q.put((fn, args, after), timeout=0.5)
+                return
+            except queue.Full:
+                checkpoint()
+                self.check()
 
     def check(self) -> None:
         if self.error is not None:
@@ -56,8 +64,9 @@ class BackgroundWorker:
     def sync(self) -> None:
         """Wait until everything queued so far has run; raise its first error."""
         done = threading.Event()
-        self.q.put((done.set, (), done.set))  # ``after`` sets it even when an error skips the call
-        done.wait()
+        self.submit(done.set, after=done.set)  # ``after`` sets it even when an error skips the call
+        while not done.wait(0.5):
+            checkpoint()
         self.check()
 
     def stop(self, cancel: bool = False) -> None:

@@ -1,7 +1,7 @@
 """Page-rounded ``madvise`` on a memory map: the one place that rounds byte ranges to pages.
 
-The stream maps input files and releases, populates or prefetches ranges of
-them; verify does the same on output files. Advice applies to whole pages, so
+``verify`` maps the output files it compares and releases the ranges it has
+compared. Advice applies to whole pages, so
 a byte range is widened to the pages that cover it (clipped to the mapping).
 All advice is a hint: where the kernel does not know it, nothing but speed changes.
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 import mmap
 
 PAGE = mmap.PAGESIZE
-#: Linux >= 5.14: fault a whole range in with one call instead of one trap per page
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
 def page_span(start: int, stop: int, length: int) -> tuple:

@@ -70,6 +70,10 @@ class Plan:
         """Bytes of the data files (the final files add a few bytes more)."""
         return sum(f.size for f in self.files)
 
+    def input_identity(self) -> dict:
+        """abspath -> (size, mtime_ns, inode) of every input file as planned (the stream checks it)."""
+        return {f: tuple(ident) for f, *ident in self.input_fp}
+
     def fingerprint(self) -> dict:
         """What must be equal for ``--resume`` to continue a run."""
         opts = self.options.fingerprint()

@@ -11,12 +11,14 @@ over TP), each row block is read once and its column slices go to their files
 expert stored [in, out]) is produced in output-row blocks, each filled from
 source row sub-blocks, so neither side ever holds more than a block.
 
-The calling thread maps and converts (``Tensor.copy_`` does the
-round-to-nearest-even BF16 cast and drops the GIL); a
+The calling thread reads (``preadv`` into one aligned staging block) and
+converts (``Tensor.copy_`` does the round-to-nearest-even BF16 cast and drops
+the GIL); a
 :class:`~streamconv.core.background.BackgroundWorker` hands the filled buffers
 to the writers (CRC + write, or compare for ``verify``), which also drop the
 GIL. A fixed pool of :data:`~streamconv.engine.memory.OUTPUT_BUFFERS` buffers
-bounds memory; after each block its source pages are released.
+bounds memory. While a block converts, the kernel is asked to read the next
+one ahead.
 """
 
 from __future__ import annotations
@@ -27,36 +29,36 @@ import numpy as np
 import torch
 
 from ..core.background import BackgroundWorker
+from ..core.interrupts import checkpoint
 from ..megatron.entries import EntryKind, OutDtype
 from ..core.shapes import as_matrix
-from ..sources.mapped import MappedFiles
+from ..sources.mapped import SourceFiles, aligned_buffer
 from . import memory
 
 _TORCH_DTYPES = {OutDtype.BF16: torch.bfloat16, OutDtype.F32: torch.float32}
+_ALIGN = 64  # offset of each file's slice in a shared lockstep buffer
 _SOURCE_VIEW = {"BF16": torch.bfloat16}
 
 
 class Streamer:
     """Executes stream groups into file writers with a bounded set of buffers."""
 
-    def __init__(self, block_bytes: int, on_bytes=None, on_read=None):
+    def __init__(self, block_bytes: int, on_bytes=None, on_read=None, expect: dict | None = None):
         self.block = int(block_bytes)
-        self.files = MappedFiles()
+        self.files = SourceFiles(expect)  # expect: input path -> (size, mtime_ns, inode) as planned
         self.pool: queue.Queue = queue.Queue()
         for _ in range(memory.OUTPUT_BUFFERS):
             self.pool.put(torch.empty(self.block, dtype=torch.uint8))
-        self.staging = np.empty(self.block, dtype=np.uint8)
+        self.staging = aligned_buffer(memory.READ_CHUNK)
         self.worker = BackgroundWorker("streamconv-writer", maxsize=memory.OUTPUT_BUFFERS)
         self.on_bytes = on_bytes
         self.on_read = on_read
         torch.set_num_threads(1)  # one converter thread; the other core writes
 
-    def close(self):
-        self.worker.stop(cancel=self.worker.error is not None)
-        try:
-            self.files.close()
-        except BufferError:  # a view still alive; the mapping closes with the process
-            pass
+    def close(self, cancel: bool = False):
+        """End the writer thread: after its queued work, or (``cancel``, or after an error) skipping it."""
+        self.worker.stop(cancel=cancel or self.worker.error is not None)
+        self.files.close()
 
     # -- entry point ---------------------------------------------------------------
     def run_group(self, group, writers: dict) -> None:
@@ -66,6 +68,7 @@ class Streamer:
             if items:
                 self._step(items)
         self.worker.sync()
+        self.files.check_unchanged()  # the group's files are committed next: they must be of this input
 
     # -- a step ----------------------------------------------------------------------
     def _step(self, items: list) -> None:
@@ -108,7 +111,9 @@ class Streamer:
         self.worker.submit(self._deliver, writers, buf, n, after=lambda: self.pool.put(buf))
 
     def _take(self) -> torch.Tensor:
+        """A free output buffer; also where an interrupt is taken (once per block, see core.interrupts)."""
         while True:
+            checkpoint()
             try:
                 return self.pool.get(timeout=0.5)
             except queue.Empty:
@@ -126,49 +131,64 @@ class Streamer:
             for e in entries
         )
 
-    def _convert(self, view: np.ndarray, src_dtype: str, buf: torch.Tensor, out_dtype, transpose=False,
-                 into=None) -> int:
-        t = torch.from_numpy(view)
-        if src_dtype in _SOURCE_VIEW:
-            t = t.view(_SOURCE_VIEW[src_dtype])
-        if transpose:
-            t = t.T
-        rows, cols = t.shape
-        if into is not None:  # a column band of an output block already laid out in buf
-            into.copy_(t)
-            return 0
+    def _staging_for(self, nbytes: int) -> np.ndarray:
+        """The staging buffer, grown once if a single source row is larger than a read chunk."""
+        if self.staging.nbytes < nbytes:
+            self.staging = aligned_buffer(nbytes)
+        return self.staging
+
+    def _source(self, src, a: int, b: int, step: int = 1, col0: int = 0, col1=None) -> torch.Tensor:
+        """Rows a:b:step (columns col0:col1) of ``src`` read into the staging buffer, as a torch view."""
+        need = (b - a) * as_matrix(src.shape)[1] * src.itemsize  # read_rows reads every row of [a, b)
+        t = torch.from_numpy(src.read(self.files, a, b, step, col0, col1, self._staging_for(need)))
+        return t.view(_SOURCE_VIEW[src.dtype]) if src.dtype in _SOURCE_VIEW else t
+
+    def _fill(self, src, start: int, step: int, nrows: int, col0: int, col1, out: torch.Tensor) -> None:
+        """out[i] = source row start + i*step (columns col0:col1), read and cast one cache-sized chunk at a time.
+
+        Reading a chunk and casting it right away keeps the copy in the CPU cache:
+        the cast reads what ``preadv`` has just written instead of a whole block
+        from memory.
+        """
+        row_bytes = as_matrix(src.shape)[1] * src.itemsize
+        per = max(1, memory.READ_CHUNK // max(row_bytes * step, 1))
+        i = 0
+        while i < nrows:
+            j = min(nrows, i + per)
+            if step == 1:  # a chunk inside one slice is read directly, not assembled
+                j = src.block_end(start + i, start + j) - start
+            a = start + i * step
+            out[i:j].copy_(self._source(src, a, a + (j - i - 1) * step + 1, step, col0, col1))
+            i = j
+
+    @staticmethod
+    def _out_view(buf: torch.Tensor, offset: int, rows: int, cols: int, out_dtype) -> torch.Tensor:
         n = rows * cols * out_dtype.itemsize
-        buf[:n].view(_TORCH_DTYPES[out_dtype]).view(rows, cols).copy_(t)
-        return n
+        return buf[offset:offset + n].view(_TORCH_DTYPES[out_dtype]).view(rows, cols)
 
     def _read(self, nbytes: int) -> None:
         if self.on_read:
             self.on_read(nbytes)
 
-    # -- pages of a source tensor's rows -------------------------------------------------
-    def _populate(self, src, a: int, b: int) -> None:
-        for path, lo, hi in src.spans(a, b):
-            self.files.populate(path, lo, hi)
-
     def _prefetch(self, src, a: int, b: int) -> None:
+        """Ask the kernel for the file bytes of rows [a, b) (the next block, while this one converts)."""
         for path, lo, hi in src.spans(a, b):
             self.files.prefetch(path, lo, hi)
 
-    def _release(self, src, a: int, b: int) -> int:
-        """Drop the pages of rows [a, b); return their bytes."""
-        n = 0
-        for path, lo, hi in src.spans(a, b):
-            self.files.release(path, lo, hi)
-            n += hi - lo
-        return n
-
     # -- readers -----------------------------------------------------------------------
     def _columns_lockstep(self, groups) -> None:
-        """Row-parallel weight: read each row block once, send its column slices to their files."""
+        """Row-parallel weight: read each row once, cast its column slices into one buffer, send each slice.
+
+        Every group's slice of a row block sits in the same output buffer (at its
+        own offset), so however many files share the weight, one buffer and one
+        read of the source rows serve them all.
+        """
         p0 = groups[0][0][1].pieces[0]
         src = p0.src
         row_bytes = as_matrix(src.shape)[1] * src.itemsize
-        rows_per_block = max(1, self.block // max(row_bytes, 1))
+        out_row = sum(g[0][1].pieces[0].ncols * g[0][1].dtype.itemsize for g in groups)
+        rows_per_block = max(1, (self.block - _ALIGN * len(groups)) // max(out_row, 1))
+        per_chunk = max(1, memory.READ_CHUNK // max(row_bytes, 1))
         for g in groups:
             self._begin(g)
         a = p0.start
@@ -176,19 +196,36 @@ class Streamer:
             b = src.block_end(a, min(p0.stop, a + rows_per_block))
             if b < p0.stop:
                 self._prefetch(src, b, min(p0.stop, b + rows_per_block))
-            self._populate(src, a, b)
-            block = src.read(self.files, a, b, staging=self.staging)
+            buf = self._take()
+            parts, outs, off = [], [], 0
             for g in groups:
                 e = g[0][1]
                 p = e.pieces[0]
-                buf = self._take()
-                n = self._convert(block[:, p.col0:p.col1], src.dtype, buf, e.dtype)
-                self._send([w for w, _ in g], buf, n)
-            del block
-            self._read(self._release(src, a, b))
+                out = self._out_view(buf, off, b - a, p.ncols, e.dtype)
+                n = out.numel() * e.dtype.itemsize
+                outs.append((out, p.col0, p.col1))
+                parts.append(([w for w, _ in g], off, n))
+                off += -(-n // _ALIGN) * _ALIGN
+            i = a
+            while i < b:
+                k = src.block_end(i, min(b, i + per_chunk))
+                t = self._source(src, i, k)
+                for out, c0, c1 in outs:
+                    out[i - a:k - a].copy_(t[:, c0:c1])
+                i = k
+            self.worker.submit(self._deliver_parts, parts, buf, after=lambda buf=buf: self.pool.put(buf))
+            self._read((b - a) * row_bytes)
             a = b
         for g in groups:
             self._end(g)
+
+    def _deliver_parts(self, parts, buf) -> None:
+        mv = memoryview(buf.numpy())
+        for writers, off, n in parts:
+            for w in writers:
+                w.write(mv[off:off + n])
+                if self.on_bytes:
+                    self.on_bytes(n)
 
     def _piece(self, p, out_dtype, writers) -> None:
         if p.transpose:
@@ -201,49 +238,37 @@ class Streamer:
     def _repeated(self, p, out_dtype, writers) -> None:
         """One source row repeated (vocab padding)."""
         src = p.src
-        row = src.read(self.files, p.start, p.start + 1, 1, p.col0, p.col1, self.staging)
-        row = torch.from_numpy(np.array(row))  # one row, owned
-        if src.dtype in _SOURCE_VIEW:
-            row = row.view(_SOURCE_VIEW[src.dtype])
+        row = self._source(src, p.start, p.start + 1, 1, p.col0, p.col1).clone()  # one row, owned
         out_row = p.ncols * out_dtype.itemsize
         left = p.repeat
         per = max(1, self.block // out_row)
         while left:
             k = min(per, left)
             buf = self._take()
-            n = k * out_row
-            buf[:n].view(_TORCH_DTYPES[out_dtype]).view(k, p.ncols).copy_(row.expand(k, p.ncols))
-            self._send(writers, buf, n)
+            self._out_view(buf, 0, k, p.ncols, out_dtype).copy_(row.expand(k, p.ncols))
+            self._send(writers, buf, k * out_row)
             left -= k
-        self._release(src, p.start, p.start + 1)
 
     def _rows(self, p, out_dtype, writers) -> None:
-        """Rows ``start:stop:step`` (columns col0:col1) in blocks."""
+        """Rows ``start:stop:step`` (columns col0:col1), one output block at a time."""
         src = p.src
-        src_rows, full_cols = as_matrix(src.shape)
-        row_bytes = full_cols * src.itemsize
+        src_rows = as_matrix(src.shape)[0]
         out_row = p.ncols * out_dtype.itemsize
         step = p.step
-        per = max(1, min(self.block // max(row_bytes * step, 1), self.block // out_row))
+        per = max(1, self.block // out_row)
         total = p.src_rows
         i = 0
         while i < total:
             j = min(total, i + per)
-            if step == 1:  # end the block where the source's storage does (a slice edge), so reads stay views
+            if step == 1:  # end the block where the source's storage does (a slice edge): no assembly
                 j = src.block_end(p.start + i, p.start + j) - p.start
-            start = p.start + i * step
-            stop = p.start + (j - 1) * step + 1
             if j < total:
-                nxt = p.start + min(total, j + per) * step
-                self._prefetch(src, stop, min(nxt, src_rows))
-            if step == 1:
-                self._populate(src, start, stop)
-            view = src.read(self.files, start, stop, step, p.col0, p.col1, self.staging)
+                first = p.start + j * step
+                self._prefetch(src, first, min(p.start + (min(total, j + per) - 1) * step + 1, src_rows))
             buf = self._take()
-            n = self._convert(view, src.dtype, buf, out_dtype)
-            del view
-            self._send(writers, buf, n)
-            self._release(src, start, stop)
+            self._fill(src, p.start + i * step, step, j - i, p.col0, p.col1,
+                       self._out_view(buf, 0, j - i, p.ncols, out_dtype))
+            self._send(writers, buf, (j - i) * out_row)
             self._read((j - i) * p.ncols * src.itemsize)
             i = j
 
@@ -251,35 +276,28 @@ class Streamer:
         """Output rows = source columns col0:col1 over source rows start:stop.
 
         Each output block (a band of output rows, all output columns) is filled
-        from source row sub-blocks, each read once per output block; the pages of
-        a sub-block are released before the next, so memory stays within a block
-        on both sides. With a block that holds the whole transposed tensor (the
-        usual case), every source byte is read exactly once.
+        from source row chunks, each read once per output block into the staging
+        buffer, so memory stays within a block. With a block that holds the whole
+        transposed tensor (the usual case), every source byte is read exactly once.
         """
         src = p.src
         full_cols = as_matrix(src.shape)[1]
         out_rows, out_cols = p.nrows, p.ncols
         out_row = out_cols * out_dtype.itemsize
         per_out = max(1, self.block // max(out_row, 1))
-        per_src = max(1, self.block // max(full_cols * src.itemsize, 1))
+        per_src = max(1, memory.READ_CHUNK // max(full_cols * src.itemsize, 1))
         j = 0
         while j < out_rows:
             k = min(out_rows, j + per_out)
             buf = self._take()
-            n = (k - j) * out_row
-            out = buf[:n].view(_TORCH_DTYPES[out_dtype]).view(k - j, out_cols)
+            out = self._out_view(buf, 0, k - j, out_cols, out_dtype)
             a = p.start
             while a < p.stop:
                 b = src.block_end(a, min(p.stop, a + per_src))
-                self._populate(src, a, b)
-                view = src.read(self.files, a, b, 1, p.col0 + j, p.col0 + k, self.staging)
-                self._convert(view, src.dtype, buf, out_dtype, transpose=True,
-                              into=out[:, a - p.start:b - p.start])
-                del view
-                self._release(src, a, b)
+                out[:, a - p.start:b - p.start].copy_(self._source(src, a, b, 1, p.col0 + j, p.col0 + k).T)
                 self._read((b - a) * (k - j) * src.itemsize)
                 a = b
-            self._send(writers, buf, n)
+            self._send(writers, buf, (k - j) * out_row)
             j = k
 
 

@@ -128,7 +128,31 @@ class OutputFormat(ABC):
 
     @abstractmethod
     def own_files(self, root: str) -> list:
-        """Relative paths under ``root`` that look like this format's data files (for verify's leftovers)."""
+        """Relative paths under ``root`` that look like this format's files, by name and place.
+
+        Verify reports those the plan does not expect; ``--overwrite`` removes those
+        that :meth:`is_own_file` also recognises by content.
+        """
+
+    def is_own_file(self, path: str) -> bool:
+        """Whether the file at ``path`` is, by its content, a file of this format as a conversion writes it.
+
+        ``--overwrite`` deletes a file the new plan does not write (e.g. a rank of
+        another TP/PP layout) only when this says yes, so the default is no: a
+        format that cannot tell keeps everything it does not rewrite.
+        """
+        return False
+
+    def matches_plan(self, path: str, f: PlannedFile, check_data: bool = True) -> bool:
+        """Whether the file at ``path`` is exactly the planned file ``f``, intact.
+
+        Structure, sizes and every byte the plan determines must match;
+        ``check_data`` also checks the stored data's own checksums (reading the
+        whole file). A save directory whose files all match, with the final files
+        in place, already holds this conversion: rerunning it does nothing. The
+        default, no, makes a rerun refuse and ask for ``--overwrite``.
+        """
+        return False
 
     @abstractmethod
     def read_args(self, root: str):

@@ -7,7 +7,8 @@ planned (so a run's identity, ``--resume`` and the derived file ids see the
 final values); :func:`notes` then tells the user, for every value that matters
 to this model, where it came from — loudly when it is a default, because
 Megatron's ``--use-checkpoint-args`` takes it from the checkpoint and a wrong
-rope base loads fine and generates garbage.
+rope base loads fine and generates garbage. Such a note begins with
+``ASSUMED``, so ``--quiet`` still prints it (it can make the output wrong).
 """
 
 from __future__ import annotations
@@ -97,12 +98,13 @@ def notes(o, cfg) -> list:
         value = getattr(o, s.field)
         origin = o.provenance.get(s.field)
         if s.field == "max_position_embeddings" and value is None:
-            out.append(f"not in the weights: max_position_embeddings={cfg.max_position_embeddings} (default: 2048, "
-                       f"or the sequence length if larger); pass {s.flag} if your model used another")
+            out.append(f"ASSUMED max_position_embeddings={cfg.max_position_embeddings} (not in the weights; default: "
+                       f"2048, or the sequence length if larger): pass {s.flag} if your model used another")
         elif value is None:
             megatron_defaults.append(f"{s.field}={s.megatron_default}")
         elif origin == DEFAULT:
-            out.append(f"not in the weights: {s.field}={value} (default); pass {s.flag} if your model used another")
+            out.append(f"ASSUMED {s.field}={value} (not in the weights; default): pass {s.flag} if your model used "
+                       "another")
         elif origin is not None:
             out.append(f"{s.field}={value} from {origin}")
     unread = {s.field: s.flag + ("" if s.field == "use_rope_scaling" else f" {getattr(o, s.field):g}")
@@ -111,8 +113,9 @@ def notes(o, cfg) -> list:
         out.append(f"Megatron does not read {' or '.join(unread)} back from the checkpoint "
                    f"(--use-checkpoint-args): run it with {' '.join(unread.values())}")
     if megatron_defaults:
-        out.append("not in the weights" + (" or the model config" if o.provenance else "") + ", left to Megatron's "
-                   "defaults (pass the flag if your model differs): " + ", ".join(megatron_defaults))
+        out.append("ASSUMED Megatron's defaults for values not in the weights" + (" or the model config" if o.provenance
+                                                                                   else "")
+                   + " (pass the flag if your model differs): " + ", ".join(megatron_defaults))
     return out
 
 

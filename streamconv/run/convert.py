@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import time
 
 from ..core.background import BackgroundWorker
-from ..core.errors import Interrupted, StreamconvError, WriteError
+from ..core.errors import Interrupted, VerifyMismatch, WriteError
+from ..core.interrupts import InterruptGuard, checkpoint, deferred
 from ..core.options import ConvertOptions
 from ..engine import memory
 from ..engine.plan import Plan, build_plan
-from .progress import Progress
+from .progress import Progress, plural
 from .savedir import SaveDir, check_paths
 from .writeback import WritebackPacer
 
@@ -46,28 +46,6 @@ def write_error(e: OSError, path: str) -> WriteError:
         f"writing {path} failed: {what}; {todo} and rerun the same command with --resume "
         "(finished rank files are kept)"
     )
-
-
-class _Signals:
-    """SIGTERM behaves like Ctrl-C; SIGXFSZ must not kill us (the write then fails with EFBIG)."""
-
-    def __enter__(self):
-        self.old = {}
-        for sig, handler in ((signal.SIGTERM, self._term), (signal.SIGXFSZ, signal.SIG_IGN)):
-            try:
-                self.old[sig] = signal.signal(sig, handler)
-            except (ValueError, OSError):  # not the main thread
-                pass
-        return self
-
-    @staticmethod
-    def _term(signum, frame):
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        for sig, h in self.old.items():
-            signal.signal(sig, h)
-        return False
 
 
 class _Committer:
@@ -114,17 +92,24 @@ def write_files(plan: Plan, sd: SaveDir, progress: Progress, mine=None) -> list:
     On any failure every temporary file this call may have started is removed;
     committed files stay (``--resume`` keeps them).
     """
+    with deferred():  # interrupts are taken once per block, where no thread hand-over is half done
+        return _write_files(plan, sd, progress, mine)
+
+
+def _write_files(plan: Plan, sd: SaveDir, progress: Progress, mine=None) -> list:
     from ..engine.stream import Streamer  # imports torch
 
     fmt = plan.format
     todo_files = [f for f in plan.files if f.relpath not in sd.done and (mine is None or f.relpath in mine)]
     progress.start(sum(f.data_bytes for f in todo_files))
-    streamer = Streamer(plan.block_bytes, on_bytes=progress.update, on_read=progress.read)
+    streamer = Streamer(plan.block_bytes, on_bytes=progress.update, on_read=progress.read,
+                        expect=plan.input_identity())
     committer = _Committer(sd)
     current: list = []
     finished = False
     try:
         for group in plan.groups:
+            checkpoint()
             todo = {i: f for i, f in enumerate(group.files)
                     if f.relpath not in sd.done and (mine is None or f.relpath in mine)}
             if not todo:
@@ -166,7 +151,7 @@ def write_files(plan: Plan, sd: SaveDir, progress: Progress, mine=None) -> list:
             for f in todo_files:
                 if f.relpath not in sd.done:
                     sd.discard_temp(f.relpath)
-        streamer.close()
+        streamer.close(cancel=not finished)
         progress.close()
     return list(committer.committed)
 
@@ -175,24 +160,25 @@ def execute(plan: Plan, progress: Progress, sd: SaveDir | None = None) -> dict:
     """Coordinator and only worker: write every file of ``plan`` not already finished; return the figures."""
     t0 = time.monotonic()
     sd = sd or SaveDir.for_plan(plan)
+    finished = False
     try:
-        sd.open()
-    except OSError as e:
-        raise write_error(e, os.path.join(plan.options.save_dir, ".streamconv")) from None
-    for n in sd.notes:
-        progress.note(n)
-    kept = list(sd.kept)
-    try:
+        try:
+            with deferred():  # preparing the directory (lock, cleanup, run record) is not cut halfway
+                sd.open()
+        except OSError as e:
+            raise write_error(e, os.path.join(plan.options.save_dir, ".streamconv")) from None
+        for n in sd.notes:
+            progress.note(n)
+        kept = list(sd.kept)
         written = write_files(plan, sd, progress)
         try:
-            sd.finish(plan.final_files)
+            with deferred():  # tracker and bookkeeping removal: an interrupt waits for them
+                sd.finish(plan.final_files)
+                finished = True
         except OSError as e:
             raise write_error(e, plan.options.save_dir) from None
     except KeyboardInterrupt:
-        raise Interrupted(
-            f"interrupted; {len(sd.read_done())} of {len(plan.files)} rank files are finished in "
-            f"{plan.options.save_dir}; rerun the same command with --resume to finish"
-        ) from None
+        raise Interrupted(_interrupted_message(plan, sd, finished)) from None
     finally:
         sd.unlock()
     wall = time.monotonic() - t0
@@ -214,6 +200,32 @@ def execute(plan: Plan, progress: Progress, sd: SaveDir | None = None) -> dict:
     }
 
 
+def _interrupted_message(plan: Plan, sd: SaveDir, finished: bool) -> str:
+    save = plan.options.save_dir
+    if finished:
+        return f"interrupted after the conversion completed; {save} holds the complete checkpoint"
+    # counted from the completion records on disk: exactly the files --resume will check and keep
+    done = [rel for rel in sd.read_done() if rel in sd.files and os.path.isfile(os.path.join(save, rel))]
+    n = len(plan.files)
+    return (f"interrupted; {len(done)} of {n} {_files(n)} finished in {save}; rerun the same command with "
+            "--resume to finish")
+
+
+def _files(n: int) -> str:
+    return "rank file is" if n == 1 else "rank files are"
+
+
+def _nothing_to_do(plan: Plan, t0: float) -> dict:
+    """The summary of a run whose save directory already holds exactly this conversion."""
+    return {
+        "wall_seconds": round(time.monotonic() - t0, 3), "read_bytes": 0, "written_bytes": 0,
+        "input_bytes": plan.source.total_bytes, "output_bytes": plan.write_bytes, "read_gb_per_s": None,
+        "peak_rss_bytes": memory.peak_rss(), "budget_bytes": plan.budget, "predicted_peak_bytes": plan.predicted_peak,
+        "block_bytes": plan.block_bytes, "files_written": [], "files_kept": [f.relpath for f in plan.files],
+        "save_dir": plan.options.save_dir, "notes": plan.notes, "nothing_to_do": True,
+    }
+
+
 def convert(options: ConvertOptions, progress: Progress | None = None) -> dict:
     """Convert ``options.load_dir`` into a Megatron-LM checkpoint in ``options.save_dir``.
 
@@ -222,35 +234,50 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> dict:
     """
     from .distributed import convert_distributed, torchrun_world
 
-    progress = progress or Progress(quiet=True)
+    progress = progress or Progress(silent=True)
     world = torchrun_world()
     if world is not None:  # started by torchrun: one worker of several
         rank, size = world
         if rank != 0:
             progress.quiet = True  # the coordinator speaks for the job
-        summary = convert_distributed(options, progress, rank, size)
+        with InterruptGuard():
+            summary = convert_distributed(options, progress, rank, size)
         if rank == 0:
             progress.done(summary)
         return summary
-    with _Signals():
-        check_paths(options.load_dir, options.save_dir, options.overwrite, options.resume)
-        from ..sources import prefetch
+    t0 = time.monotonic()
+    with InterruptGuard():
+        try:
+            check_paths(options.load_dir, options.save_dir, options.overwrite, options.resume)
+            from ..sources import prefetch
 
-        plan = build_plan(options, on_source=prefetch.start)
-        sd = SaveDir.for_plan(plan)
-        sd.check(paths_checked=True)  # resume refusals, before anything is announced
-        progress.announce(plan)
-        summary = execute(plan, progress, sd)
+            plan = build_plan(options, on_source=prefetch.start)
+            sd = SaveDir.for_plan(plan)
+            a = sd.check(paths_checked=True)  # every refusal (and the free space), before anything is announced
+            progress.announce(plan)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted before anything was written to {options.save_dir}") from None
+        if a.action == "nothing":
+            summary = _nothing_to_do(plan, t0)
+        else:
+            summary = execute(plan, progress, sd)
+        summary["peak_rss_bytes"] = memory.peak_rss()
+        progress.done(summary)
         if options.verify:
             from .verify import verify_plan
 
-            report = verify_plan(plan, progress=progress)
+            try:
+                report = verify_plan(plan, progress=progress)
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted while verifying; the conversion in {options.save_dir} is "
+                                  "complete (run 'streamconv verify' to check it)") from None
             summary["verify"] = report.as_dict()
+            progress.verified(report)
             if not report.ok:
-                raise StreamconvError(
-                    f"verify found {len(report.problems)} problem(s) in {options.save_dir} right after converting; "
-                    "this is a streamconv bug, please report it"
+                where, what = report.problems[0]
+                raise VerifyMismatch(
+                    f"{options.save_dir} does not match a conversion of {options.load_dir}: "
+                    f"{plural(len(report.problems), 'problem')} (listed above; the first: {where}: {what})"
                 )
     summary["peak_rss_bytes"] = memory.peak_rss()
-    progress.done(summary)
     return summary

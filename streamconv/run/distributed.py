@@ -36,6 +36,8 @@ from ..engine import memory
 
 #: how long a worker waits for the others to join the process group
 JOIN_TIMEOUT_S = float(os.environ.get("STREAMCONV_RDZV_TIMEOUT", "300"))
+#: what the coordinator tells the workers when the save directory already holds this conversion
+NOTHING = "nothing to do"
 #: collectives after the join wait as long as the slowest worker converts (torchrun ends the job on a failure)
 WORK_TIMEOUT = datetime.timedelta(days=7)
 
@@ -144,7 +146,8 @@ def convert_distributed(options, progress, rank: int, world: int) -> dict:
     """One worker's part of a conversion shared by ``world`` workers (see the module docstring)."""
     from ..engine.plan import build_plan
     from ..sources import prefetch
-    from .convert import _Signals, write_error, write_files
+    from ..core.interrupts import InterruptGuard
+    from .convert import _nothing_to_do, write_error, write_files
     from .savedir import SaveDir, check_paths
 
     t0 = time.monotonic()
@@ -153,7 +156,7 @@ def convert_distributed(options, progress, rank: int, world: int) -> dict:
     coordinator = rank == 0
     group = _Group(rank, world)
     try:
-        with _Signals():
+        with InterruptGuard():
             def plan_it():
                 if coordinator:
                     check_paths(options.load_dir, options.save_dir, options.overwrite, options.resume)
@@ -171,9 +174,11 @@ def convert_distributed(options, progress, rank: int, world: int) -> dict:
             sd = SaveDir.for_plan(plan)
 
             def open_it():
-                sd.check(paths_checked=True)
-                if not options.quiet:
-                    progress.announce(plan)
+                # the coordinator decides for the job: refusals, free space, nothing to do, --overwrite removals
+                a = sd.check(paths_checked=True)
+                progress.announce(plan)  # quiet or not: it says what --quiet must not hide
+                if a.action == "nothing":
+                    return NOTHING
                 try:
                     sd.open()
                 except OSError as e:
@@ -187,6 +192,10 @@ def convert_distributed(options, progress, rank: int, world: int) -> dict:
             if isinstance(done, tuple):
                 raise StreamconvError(f"the coordinator (worker 0) stopped: {done[1]}") if not coordinator \
                     else _error(done)
+            if done == NOTHING:  # the save directory already holds exactly this conversion
+                summary = _nothing_to_do(plan, t0)
+                summary.update(workers=world, coordinator=coordinator)
+                return summary
             if not coordinator:
                 sd.done = sd.read_done()
                 if sorted(sd.done) != done:

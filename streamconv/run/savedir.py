@@ -25,6 +25,16 @@ only then is the bookkeeping removed. So:
   finished files whose records still check out, and redoes the rest;
 * after success only Megatron's layout remains.
 
+Before anything is written, :func:`assess` decides what a run would do with the
+directory, from the plan: write into an empty one; resume a partial run (which
+finished files still check out); do nothing when it already holds exactly this
+conversion (every planned file's size, structure and CRCs, and the final
+files); with ``--overwrite``, which files of an earlier conversion the new one
+does not replace and will remove (only files a format recognises by content as
+its own); or refuse, saying why and naming the flag that would proceed. It also
+checks that the filesystem has room for the bytes still to write. ``plan``
+prints the same assessment.
+
 Nothing that streamconv did not write is ever deleted.
 """
 
@@ -36,9 +46,13 @@ import json
 import os
 import shutil
 import socket
+from dataclasses import dataclass, field
 
 from ..core.errors import PathError, WriteError
+from ..core.sizes import human
+from ..formats import FORMATS, get_format
 from ..megatron.files import ITERATION_DIR, TRACKER
+from .progress import plural
 
 BOOKKEEPING = ".streamconv"
 RUN_FILE = "run.json"
@@ -124,7 +138,7 @@ def refuse_if_locked(save_dir: str) -> None:
 
 
 def check_paths(load_dir: str, save_dir: str | None, overwrite: bool = False, resume: bool = False) -> None:
-    """Refuse unusable load/save paths before anything is read or written."""
+    """Refuse unusable load/save paths before anything is read (what the directory holds is :func:`assess`'s)."""
     if not os.path.exists(load_dir):
         raise PathError(f"--load-dir {load_dir} does not exist; give the checkpoint file or directory")
     if not save_dir:
@@ -145,100 +159,409 @@ def check_paths(load_dir: str, save_dir: str | None, overwrite: bool = False, re
         raise PathError(f"--save-dir {save_dir}: {probe} is not writable")
     if os.path.isdir(save_dir):
         refuse_if_locked(save_dir)
-    if os.path.isdir(save_dir) and os.listdir(save_dir) and not overwrite:
-        if not is_partial(save_dir):
-            if resume:
-                raise PathError(
-                    f"--save-dir {save_dir} holds no partial streamconv run to resume (no {BOOKKEEPING}/{RUN_FILE}); "
-                    "choose an empty directory, or --overwrite to write over it"
-                )
-            raise PathError(
-                f"--save-dir {save_dir} is not empty and is not a partial streamconv output; choose an empty "
-                "directory, or add --overwrite to replace the checkpoint files in it"
-            )
-        if not resume:
-            raise PathError(
-                f"--save-dir {save_dir} holds an interrupted streamconv run; add --resume to finish it "
-                "(or --overwrite to start over)"
-            )
 
 
 def _done_name(rel: str) -> str:
     return hashlib.sha1(rel.encode()).hexdigest()[:20] + ".json"
 
 
+#: free space kept in reserve beyond the bytes to write (filesystem metadata, rounding)
+SPACE_MARGIN = 16 * 2**20
+
+
+def space_margin(nbytes: int) -> int:
+    return SPACE_MARGIN + nbytes // 1000
+
+
+def free_space(path: str) -> int | None:
+    """Bytes an unprivileged writer may still use on the filesystem holding ``path`` (None: unknown)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return None
+    if not st.f_blocks:  # some network/FUSE filesystems report nothing
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _list(items: list, limit: int = 4) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+@dataclass
+class Assessment:
+    """What a run would do with the save directory, decided before anything is written."""
+
+    state: str = "empty"  # empty | partial | complete | other (a different conversion) | foreign
+    action: str = "write"  # write | resume | overwrite | nothing | refuse
+    reason: str = ""  # the refusal (action refuse), or why the directory is not this conversion
+    keep: dict = field(default_factory=dict)  # relpath -> completion record of finished files a resume keeps
+    damaged: list = field(default_factory=list)  # finished files whose records no longer check out
+    remove: list = field(default_factory=list)  # files of an earlier conversion --overwrite removes
+    unrecognised: list = field(default_factory=list)  # named like a format's files but not recognised: kept
+    planned: int = 0
+    to_write: int = 0  # bytes of the files still to write
+    needed: int = 0  # bytes the filesystem must hold at the worst moment, margin included
+    free: int | None = None  # free bytes now, plus what is removed before writing
+    notes: list = field(default_factory=list)
+
+    @property
+    def space_ok(self) -> bool:
+        return self.free is None or self.needed <= self.free
+
+    def space_line(self, root: str) -> str:
+        if self.action in ("nothing", "refuse"):
+            return ""
+        if self.free is None:
+            return f"free space on {root}'s filesystem: unknown (it reports none); {human(self.needed)} needed"
+        verdict = "enough" if self.space_ok else "NOT enough: convert would refuse"
+        return (f"free space {human(self.free)} on {root}'s filesystem, {human(self.needed)} needed "
+                f"(still to write {human(self.to_write)} + margin): {verdict}")
+
+    def lines(self, root: str) -> list:
+        """What ``plan`` says about the save directory."""
+        what = {
+            "write": f"{'empty' if self.state == 'empty' else 'holds no finished files to keep'}: convert writes "
+                     f"{plural(self.planned, 'file')}, {human(self.to_write)}",
+            "resume": f"holds an interrupted run of this conversion: convert --resume keeps {len(self.keep)} of "
+                      f"{plural(self.planned, 'file')} and writes {self.planned - len(self.keep)} "
+                      f"({human(self.to_write)})",
+            "overwrite": f"--overwrite: convert writes {plural(self.planned, 'file')}, {human(self.to_write)}"
+                         + (f", removing {plural(len(self.remove), 'file')} of an earlier conversion this one does "
+                            f"not write ({_list(self.remove)})" if self.remove else ""),
+            "nothing": "already holds a complete conversion of this input (verified by size/CRC): convert has "
+                       "nothing to do",
+            "refuse": f"convert would refuse: {self.reason}",
+        }[self.action]
+        out = [f"{root}: {what}"]
+        space = self.space_line(root)
+        if space:
+            out.append(space)
+        return out + list(self.notes)
+
+
+def describe_save_dir(plan) -> list:
+    """What ``convert`` with the plan's flags would do with its save directory, for ``plan`` (reads only)."""
+    o = plan.options
+    try:
+        check_paths(o.load_dir, o.save_dir, o.overwrite, o.resume)
+    except PathError as e:
+        return [f"{o.save_dir}: convert would refuse: {e}"]
+    return SaveDir.for_plan(plan).assess(explain=True).lines(o.save_dir)
+
+
 class SaveDir:
     """One run's view of the save directory (see the module docstring).
 
     ``fingerprint``: the run's identity (``Plan.fingerprint()``); ``files``: relpath ->
-    planned file; ``intact(path, file, record)``: the format's check of a finished file.
-    The coordinator calls :meth:`check`, :meth:`open` and, after every worker has
-    committed, :meth:`finish`; every worker (the coordinator included) calls
+    planned file; ``fmt``: the output format (its ``intact``, ``matches_plan``,
+    ``own_files``); ``groups``: the plan's stream groups, in writing order;
+    ``final_files``: (relpath, bytes) written last. The coordinator calls
+    :meth:`check`, :meth:`open` and, after every worker has committed,
+    :meth:`finish`; every worker (the coordinator included) calls
     :meth:`temp_path`, :meth:`commit` and :meth:`discard_temp` for its own files.
     """
 
-    def __init__(self, root: str, fingerprint: dict, files: dict, intact, options):
+    def __init__(self, root: str, fingerprint: dict, files: dict, fmt, options, groups=(), final_files=(),
+                 sample=None):
         self.root = root
+        self.sample = sample  # () -> first difference between a sample of the files and the input, or None
         self.fp = fingerprint
         self.files = files
-        self.intact = intact
+        self.fmt = fmt
+        self.intact = fmt.intact
         self.options = options
+        self.groups = list(groups) or [list(files.values())]
+        self.final_files = list(final_files)
         self.book = os.path.join(root, BOOKKEEPING)
         self.run_path = os.path.join(self.book, RUN_FILE)
         self.done_dir = os.path.join(self.book, DONE_DIR)
         self.done: dict = {}  # relpath -> record, of files finished and kept
         self.kept: list = []
         self.notes: list = []
-        self.checked = False
+        self.assessment: Assessment | None = None
         self._lock_fd = None
 
     @classmethod
     def for_plan(cls, plan) -> "SaveDir":
         files = {f.relpath: f for f in plan.files}
-        return cls(plan.options.save_dir, plan.fingerprint(), files, plan.format.intact, plan.options)
+
+        def sample():
+            from .verify import sample_mismatch  # verify imports this module
+
+            return sample_mismatch(plan)
+
+        return cls(plan.options.save_dir, plan.fingerprint(), files, plan.format, plan.options,
+                   [g.files for g in plan.groups], plan.final_files, sample)
+
+    # -- what a run would do -----------------------------------------------------------
+    def assess(self, explain: bool = False) -> Assessment:
+        """Decide, without writing, what this run does with the directory (see :class:`Assessment`).
+
+        ``explain`` (``plan``): also work out what ``--resume`` would keep when the
+        flag was not given, to say so.
+        """
+        o, root = self.options, self.root
+        a = Assessment(planned=len(self.files))
+        listing = os.listdir(root) if os.path.isdir(root) else []
+        if not listing:
+            if o.resume:
+                a.notes.append(f"--resume: nothing to resume in {root}; converting from the start")
+        elif is_partial(root):
+            a.state = "partial"
+            self._assess_partial(a, explain)
+        else:
+            self._assess_finished(a)
+        if a.action in ("write", "resume", "overwrite"):
+            self._assess_space(a)
+        return a
+
+    def _assess_partial(self, a: Assessment, explain: bool) -> None:
+        o = self.options
+        run = None
+        if os.path.exists(self.run_path):
+            try:
+                run = self._read_run()
+            except PathError as e:
+                if not o.overwrite:
+                    a.action, a.reason = "refuse", str(e)
+                    return
+        if o.overwrite:
+            a.action = "overwrite"
+            self._stale(a)
+            return
+        if run is None:  # only the leftovers of a run killed before it wrote run.json
+            if o.resume:
+                a.notes.append(f"--resume: the interrupted run in {self.root} had not finished any file; "
+                               "converting from the start")
+                return
+            a.action, a.reason = "refuse", (f"--save-dir {self.root} holds the leftovers of an interrupted "
+                                            "streamconv run; add --resume to finish it (or --overwrite to start over)")
+            return
+        problem = self._same_run_problem(run, o.resume)
+        if problem:
+            a.action, a.reason = "refuse", problem
+            return
+        if o.resume or explain:
+            for rel, rec in self.read_done().items():
+                f = self.files.get(rel)
+                if f is not None and self.intact(os.path.join(self.root, rel), f, rec):
+                    a.keep[rel] = rec
+                else:
+                    a.damaged.append(rel)
+        if o.resume:
+            a.action = "resume"
+            a.notes += [f"--resume: {rel} is damaged or missing; rewriting it" for rel in a.damaged]
+            return
+        a.action = "refuse"
+        a.reason = (f"--save-dir {self.root} holds an interrupted streamconv run; add --resume to finish it "
+                    "(or --overwrite to start over)")
+        if explain:
+            a.reason += f"; --resume would keep {len(a.keep)} of {plural(a.planned, 'file')}"
+
+    def _assess_finished(self, a: Assessment) -> None:
+        """A non-empty directory without a partial run: this conversion already, another one, or foreign files."""
+        o = self.options
+        mismatch = self._complete_mismatch()
+        if mismatch is None:
+            a.state = "complete"
+            if not o.overwrite:
+                a.action = "nothing"
+                return
+        ours = self._stale(a, check_only=True) or any(self.fmt.is_own_file(os.path.join(self.root, rel))
+                                                      for rel in self.files if os.path.isfile(os.path.join(self.root, rel)))
+        if a.state != "complete":
+            a.state = "other" if ours else "foreign"
+        a.reason = mismatch or ""
+        if o.overwrite:
+            a.action = "overwrite"
+            self._stale(a)
+            return
+        a.action = "refuse"
+        if ours:
+            a.reason = (f"--save-dir {self.root} holds a conversion that is not this one ({mismatch}); add "
+                        "--overwrite to replace it (files streamconv did not write are kept)")
+        else:
+            a.reason = (f"--save-dir {self.root} is not empty and holds no streamconv output; choose an empty "
+                        "directory, or add --overwrite to write the checkpoint into it (its other files are kept)")
+        if o.resume:
+            a.reason = f"--resume: nothing to resume (no {BOOKKEEPING}/{RUN_FILE}): " + a.reason
+
+    def _complete_mismatch(self) -> str | None:
+        """None if the directory holds exactly this conversion, else the first difference found."""
+        root = self.root
+        for rel, data in self.final_files:
+            path = os.path.join(root, rel)
+            try:
+                with open(path, "rb") as fh:
+                    got = fh.read(len(data) + 1)
+            except OSError:
+                return f"no {rel}"
+            if got != data:
+                return f"{rel} holds {got[:20]!r}, this conversion writes {data[:20]!r}"
+        final = {rel for rel, _ in self.final_files}
+        for rel in self._own_files():
+            if rel not in self.files and rel not in final:
+                return f"{rel} is not part of this conversion's layout"
+        for rel, f in self.files.items():
+            path = os.path.join(root, rel)
+            if not os.path.isfile(path):
+                return f"{rel} is missing"
+            if _size(path) != f.size:
+                return f"{rel} has {_size(path)} bytes, this conversion writes {f.size}"
+        oldest = min((os.path.getmtime(os.path.join(root, rel)) for rel in self.files), default=None)
+        for path, _size_, *_ in self.fp.get("input", []):
+            try:
+                if oldest is not None and os.path.getmtime(path) > oldest:
+                    return f"the input file {path} was modified after the output was written"
+            except OSError:
+                continue
+        for check_data in (False, True):  # every file's structure first, then the CRCs (a full read)
+            for rel, f in self.files.items():
+                if not self.fmt.matches_plan(os.path.join(root, rel), f, check_data=check_data):
+                    return (f"{rel} differs from this conversion's file (other flags or input)" if not check_data
+                            else f"{rel} is damaged (its data does not match its CRCs)")
+        if self.sample is not None:
+            # same names, sizes and flags can still be another checkpoint of the same model (a fine-tune)
+            diff = self.sample()
+            if diff:
+                return f"its tensors are not this input's ({diff})"
+        return None
+
+    def _own_files(self) -> list:
+        """Files under the root that some output format names as its own (any format, not just this plan's)."""
+        seen = []
+        for name in FORMATS:
+            for rel in get_format(name).own_files(self.root):
+                if rel not in seen:
+                    seen.append(rel)
+        return seen
+
+    def _stale(self, a: Assessment, check_only: bool = False) -> bool:
+        """Files of an earlier conversion that this one does not write: recognised ones go, others stay."""
+        found = False
+        final = {rel for rel, _ in self.final_files}  # rewritten at the end, not removed
+        for name in FORMATS:
+            fmt = get_format(name)
+            for rel in fmt.own_files(self.root):
+                if rel in self.files or rel in final or rel in a.remove or rel in a.unrecognised:
+                    continue
+                if fmt.is_own_file(os.path.join(self.root, rel)):
+                    found = True
+                    if not check_only:
+                        a.remove.append(rel)
+                elif not check_only:
+                    a.unrecognised.append(rel)
+        if not check_only and a.unrecognised:
+            a.notes.append(f"--overwrite: keeps {_list(a.unrecognised)}: named like a checkpoint file but not "
+                           "recognisable as a converted one (verify will report it)")
+        return found
+
+    def _assess_space(self, a: Assessment) -> None:
+        """Bytes still to write against the free space, at the worst moment of the run.
+
+        A replaced file frees its old bytes only once its new version is renamed
+        over it, and commits lag one stream group behind the writing; removed
+        files and stale temp files are gone before anything is written.
+        """
+        root = self.root
+        running = peak = prev_old = 0
+        for files in self.groups:
+            todo = [f for f in files if f.relpath not in a.keep]
+            running += sum(f.size for f in todo)
+            a.to_write += sum(f.size for f in todo)
+            peak = max(peak, running)
+            running -= prev_old
+            prev_old = sum(_size(os.path.join(root, f.relpath)) for f in todo)
+        final = sum(len(d) for _, d in self.final_files)
+        a.needed = peak + final + space_margin(a.to_write)
+        free = free_space(root)
+        if free is not None:
+            freed = sum(_size(os.path.join(root, rel)) for rel in a.remove)
+            if a.state == "partial":
+                for d, _, names in os.walk(root):
+                    freed += sum(_size(os.path.join(d, n)) for n in names if n.endswith(TEMP_SUFFIX))
+            else:
+                freed += sum(_size(os.path.join(root, rel) + TEMP_SUFFIX) for rel in self.files)
+            free += freed
+        a.free = free
 
     # -- coordinator: opening --------------------------------------------------------
-    def check(self, paths_checked: bool = False) -> None:
-        """Every refusal :meth:`open` could make, without writing anything."""
+    def check(self, paths_checked: bool = False) -> Assessment:
+        """Every refusal :meth:`open` could make, without writing anything; returns the assessment."""
         o = self.options
         if not paths_checked:
             check_paths(o.load_dir, self.root, o.overwrite, o.resume)
         refuse_if_locked(self.root)
-        if os.path.exists(self.run_path) and o.resume and not o.overwrite:
-            self._check_same_run(self._read_run())
-        self.checked = True
+        a = self.assess()
+        if a.action == "refuse":
+            raise PathError(a.reason)
+        if not a.space_ok:
+            raise PathError(
+                f"--save-dir {self.root}: its filesystem has {human(a.free)} free but this conversion needs "
+                f"{human(a.needed)} (still to write {human(a.to_write)} + margin); free space or choose "
+                "another directory"
+            )
+        self.assessment = a
+        return a
 
     def open(self) -> None:
-        """Take the lock and prepare fresh / resume / overwrite after :meth:`check`."""
-        if not self.checked:
-            self.check()
-        o = self.options
-        previous = None
-        if os.path.exists(self.run_path):
-            try:
-                previous = self._read_run()
-            except PathError:
-                if not o.overwrite:
-                    raise
+        """Take the lock and prepare fresh / resume / overwrite as :meth:`check` decided."""
+        a = self.assessment or self.check()
+        if a.action == "nothing":  # pragma: no cover - the caller does not open a finished directory
+            raise PathError(f"--save-dir {self.root} already holds this conversion; nothing to open")
         os.makedirs(self.done_dir, exist_ok=True)
         self._lock()
-        if previous is None and os.path.isdir(self.root) and only_streamconv_leftovers(self.root):
-            self._clean_temps(everywhere=True)  # killed before its run.json
-        if o.resume and previous is None:
-            self.notes.append(f"--resume: nothing to resume in {self.root}; converting from the start")
-        self._clean_temps(everywhere=previous is not None)
-        if previous is not None and o.resume and not o.overwrite:
-            self._keep_intact()
+        self.notes += a.notes
+        self._clean_temps(everywhere=a.state == "partial")
+        if a.action == "resume":
+            keep = set(a.keep)
+            for rel in self.read_done():
+                if rel not in keep:
+                    self._remove_record(rel)
+            for rel, rec in a.keep.items():
+                self.done[rel] = rec
+                self.kept.append(rel)
         else:
             self._forget_done()
-        if o.overwrite:
+        if a.action == "overwrite":
             tracker = os.path.join(self.root, TRACKER)
             if os.path.exists(tracker):
                 # The old checkpoint is being replaced: it must not look complete meanwhile.
                 os.remove(tracker)
                 self.notes.append(f"--overwrite: removed the old {TRACKER} first; it is rewritten at the end")
+            self._remove_stale(a.remove)
+            if a.remove:
+                self.notes.append(f"--overwrite: removed {plural(len(a.remove), 'file')} of an earlier conversion "
+                                  f"that this one does not write: {_list(a.remove)}")
         write_file_atomic(self.run_path, json.dumps({"streamconv": 2, "fingerprint": self.fp}, indent=1,
                                                     default=str).encode())
+
+    def _remove_stale(self, rels: list) -> None:
+        """Delete recognised files of an earlier conversion, then the directories that held only them."""
+        dirs = set()
+        for rel in rels:
+            os.remove(os.path.join(self.root, rel))
+            d = os.path.dirname(rel)
+            while d:
+                dirs.add(d)
+                d = os.path.dirname(d)
+        for d in sorted(dirs, key=lambda x: -x.count(os.sep)):
+            try:
+                os.rmdir(os.path.join(self.root, d))  # only if empty
+            except OSError:
+                pass
 
     def _lock_info(self) -> str:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
@@ -271,20 +594,40 @@ class SaveDir:
         except (OSError, ValueError) as e:
             raise PathError(f"{self.run_path}: unreadable ({e}); --overwrite starts over") from None
 
-    def _check_same_run(self, run: dict) -> None:
+    def _same_run_problem(self, run: dict, resume: bool = True) -> str | None:
+        """Why the interrupted run recorded in ``run`` cannot be resumed by this one (None: it can)."""
         old, fp = run["fingerprint"], self.fp
         if old.get("options") != fp["options"]:
             diff = sorted(k for k in set(old.get("options", {})) | set(fp["options"])
                           if old.get("options", {}).get(k) != fp["options"].get(k))
-            raise PathError(
-                f"--resume: the interrupted run in {self.root} used different flags ({', '.join(diff)}); "
-                "rerun with the same flags, or --overwrite to start over"
-            )
+            if not resume:
+                return (f"--save-dir {self.root} holds an interrupted streamconv run of another conversion "
+                        f"(different {', '.join(diff)}); rerun that command with --resume to finish it, or add "
+                        "--overwrite to start this one over it")
+            return (f"--resume: the interrupted run in {self.root} used different flags ({', '.join(diff)}); "
+                    "rerun with the same flags, or --overwrite to start over")
         if old.get("input") != fp["input"]:
-            raise PathError(
-                f"--resume: the input files changed since the interrupted run in {self.root} "
-                "(size, time or file list); --overwrite to start over"
-            )
+            before = {e[0]: e[1:] for e in old.get("input", []) if isinstance(e, list) and e}
+            now = {e[0]: e[1:] for e in fp["input"]}
+            what = "the file list"
+            for path in sorted(set(before) | set(now)):
+                if path not in now:
+                    what = f"{path} is no longer part of it"
+                elif path not in before:
+                    what = f"{path} is new"
+                elif before[path] != now[path]:
+                    changes = [n for n, x, y in zip(("size", "modification time", "inode"), before[path], now[path])
+                               if x != y] or ["identity"]
+                    what = f"{path} changed ({', '.join(changes)})"
+                else:
+                    continue
+                break
+            if not resume:
+                return (f"--save-dir {self.root} holds an interrupted streamconv run, but its input has changed "
+                        f"since ({what}); add --overwrite to start over")
+            return (f"--resume: the input changed since the interrupted run in {self.root} ({what}); "
+                    "--overwrite to start over")
+        return None
 
     def read_done(self) -> dict:
         """relpath -> completion record of every file some worker committed."""
@@ -303,17 +646,6 @@ class SaveDir:
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # a record cut short by a kill: that file is redone
         return out
-
-    def _keep_intact(self) -> None:
-        for rel, rec in self.read_done().items():
-            path = os.path.join(self.root, rel)
-            f = self.files.get(rel)
-            if f is not None and self.intact(path, f, rec):
-                self.done[rel] = rec
-                self.kept.append(rel)
-            else:
-                self.notes.append(f"--resume: {rel} is damaged or missing; rewriting it")
-                self._remove_record(rel)
 
     def _forget_done(self) -> None:
         for n in os.listdir(self.done_dir):

@@ -18,15 +18,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.errors import InputError, PathError
+from ..core.interrupts import deferred
 from ..core.options import ConvertOptions, TransformerImpl
 from ..core.pages import release
 from ..engine import memory
 from ..engine.plan import Plan, build_plan
 from ..formats import FORMATS, get_format
-from ..formats.base import FileWriter
+from ..formats.base import FileWriter, StreamGroup
 from ..megatron.args import OPTIONS_IN_ARGS
+from ..megatron.entries import EntryKind
 from ..megatron.files import ITERATION_DIR
-from .progress import Progress
+from ..core.sizes import human
+from .progress import Progress, plural
 from .savedir import BOOKKEEPING, TEMP_SUFFIX
 
 
@@ -43,6 +46,17 @@ class VerifyReport:
 
     def add(self, where: str, what: str) -> None:
         self.problems.append((where, what))
+
+    def lines(self) -> list:
+        """One line per mismatch, by file and key."""
+        return [f"MISMATCH {where}: {what}" for where, what in self.problems]
+
+    def verdict(self) -> str:
+        """What was compared, and the outcome, in one line."""
+        what = (f"{plural(self.files_checked, 'rank file')} (layout, keys, args) and "
+                f"{plural(self.tensors_checked, 'tensor')} ({human(self.bytes_compared)}) compared with a fresh "
+                "conversion of the input")
+        return f"{what}: " + ("OK" if self.ok else f"{plural(len(self.problems), 'problem')}")
 
     def as_dict(self) -> dict:
         return {"ok": self.ok, "problems": [f"{w}: {m}" for w, m in self.problems],
@@ -126,9 +140,13 @@ def _check_layout(plan: Plan, report: VerifyReport) -> None:
         for name in sorted(names):
             if name.endswith(TEMP_SUFFIX):
                 report.add(os.path.relpath(os.path.join(d, name), root), "leftover temporary file")
-    for rel in plan.format.own_files(root):
-        if rel not in want:
-            report.add(rel, "rank file not expected for this TP/PP/EP layout")
+    seen = {rel for rel, _ in plan.final_files}  # checked above
+    for name in FORMATS:  # another format's files in the same directory are leftovers too
+        for rel in get_format(name).own_files(root):
+            if rel not in want and rel not in seen:
+                seen.add(rel)
+                report.add(rel, "rank file not expected for this TP/PP/EP layout and format (a leftover of "
+                                "another conversion?)")
     for rel in sorted(want):
         if not os.path.isfile(os.path.join(root, rel)):
             report.add(rel, "missing")
@@ -168,11 +186,16 @@ def options_from_output(load_dir: str, save_dir: str, base: ConvertOptions | Non
 
 def verify_plan(plan: Plan, progress: Progress | None = None) -> VerifyReport:
     """Compare the save directory of ``plan`` with a fresh conversion of its source."""
+    with deferred():  # the stream hands work to a thread: interrupts are taken once per block
+        return _verify_plan(plan)
+
+
+def _verify_plan(plan: Plan) -> VerifyReport:
     from ..engine.stream import Streamer  # imports torch
 
     report = VerifyReport()
     _check_layout(plan, report)
-    streamer = Streamer(plan.block_bytes)
+    streamer = Streamer(plan.block_bytes, expect=plan.input_identity())
     try:
         for group in plan.groups:
             writers = {}
@@ -195,6 +218,53 @@ def verify_plan(plan: Plan, progress: Progress | None = None) -> VerifyReport:
     finally:
         streamer.close()
     return report
+
+
+def _sampled(e) -> bool:
+    """The entries :func:`sample_mismatch` compares: every 1-D tensor (norms, biases) and all of layer 0's."""
+    return e.kind is EntryKind.TENSOR and (len(e.shape) == 1 or e.key.startswith(_LAYER0))
+
+
+_LAYER0 = "decoder.layers.0."
+
+
+def sample_mismatch(plan: Plan) -> str | None:
+    """Compare a sample of every planned file's tensors with a fresh conversion of the input.
+
+    The sample is every 1-D tensor (the norms and biases of every layer) and every
+    tensor of each stage's first layer: the checkpoint a fine-tune (full, or
+    adapters merged into every layer) made from the same base model, with the same
+    file names and sizes, differs there. It reads a small part of the input.
+    Returns the first difference, or None.
+    """
+    report = VerifyReport()
+    with deferred():
+        from ..engine.stream import Streamer  # imports torch
+
+        streamer = Streamer(plan.block_bytes, expect=plan.input_identity())
+        try:
+            for group in plan.groups:
+                steps = [[(i, e) for i, e in step if _sampled(e)] for step in group.steps]
+                sub = StreamGroup(group.index, group.layers, group.files, [s for s in steps if s])
+                writers = {}
+                try:
+                    for i, f in enumerate(group.files):
+                        path = os.path.join(plan.options.save_dir, f.relpath)
+                        writers[i] = _CompareWriter(f.relpath, path, plan.format.open_reader(path, f), report)
+                    streamer.run_group(sub, writers)
+                except Exception as e:  # noqa: BLE001 - an unreadable file is a difference, not a crash
+                    if isinstance(e, InputError):
+                        raise
+                    report.add(group.files[0].relpath, f"unreadable ({type(e).__name__})")
+                finally:
+                    for w in writers.values():
+                        w.close()
+                if report.problems:
+                    where, what = report.problems[0]
+                    return f"{where}: {what}"
+        finally:
+            streamer.close()
+    return None
 
 
 def verify(load_dir: str, save_dir: str, base: ConvertOptions | None = None,

@@ -3,6 +3,6 @@
 ``header`` validates safetensors headers, ``locate`` finds the weight files of
 any checkpoint layout, ``schemes`` name what each tensor means (one module per
 input naming scheme), ``index`` ties them into a :class:`SourceIndex` of
-canonical name -> bytes on disk, ``mapped`` reads row blocks from memory maps
+canonical name -> bytes on disk, ``mapped`` reads row blocks with positioned reads
 and ``prefetch`` warms the page cache. Only headers are read while planning.
 """

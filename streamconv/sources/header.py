@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ..core.errors import InputError
 from ..core.shapes import numel
+from .ckpt import ckpt_advice, looks_like_ckpt
 
 MAX_HEADER_BYTES = 100 * 1000 * 1000
 
@@ -88,6 +89,15 @@ def _reject_duplicates(pairs):
     return seen
 
 
+def _not_safetensors(path: str, message: str) -> InputError:
+    """The refusal for a file that is not safetensors: MindSpore .ckpt advice when it is one."""
+    if looks_like_ckpt(path):
+        return InputError(ckpt_advice(path))
+    if path.endswith(".ckpt"):
+        return InputError(ckpt_advice(path, recognised=False))
+    return InputError(message)
+
+
 def read_header(path: str) -> SafetensorsHeader:
     """Parse and fully validate the header of the safetensors file at ``path``."""
     try:
@@ -100,21 +110,15 @@ def read_header(path: str) -> SafetensorsHeader:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
-                raise InputError(
-                    f"{path}: truncated safetensors file ({size} bytes, not even the 8-byte "
-                    "header length); re-copy or re-export it"
-                )
+                raise _not_safetensors(path, f"{path}: truncated safetensors file ({size} bytes, not even the "
+                                             "8-byte header length); re-copy or re-export it")
             (n,) = struct.unpack("<Q", f.read(8))
             if n > size - 8:
-                raise InputError(
-                    f"{path}: safetensors header length {n} runs past the end of the file "
-                    f"({size} bytes): the file is truncated or not safetensors; re-copy it"
-                )
+                raise _not_safetensors(path, f"{path}: safetensors header length {n} runs past the end of the "
+                                             f"file ({size} bytes): the file is truncated or not safetensors; re-copy it")
             if n > MAX_HEADER_BYTES:
-                raise InputError(
-                    f"{path}: safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte "
-                    "limit; the file is damaged or not safetensors"
-                )
+                raise _not_safetensors(path, f"{path}: safetensors header of {n} bytes exceeds the "
+                                             f"{MAX_HEADER_BYTES}-byte limit; the file is damaged or not safetensors")
             raw = f.read(n)
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e}); check the path and permissions") from None
@@ -128,11 +132,11 @@ def read_header(path: str) -> SafetensorsHeader:
             f"{path}: safetensors header is not valid JSON (nested too deeply); the file is damaged or not safetensors"
         ) from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise InputError(
-            f"{path}: safetensors header is not valid JSON ({e}); the file is damaged or not safetensors"
+        raise _not_safetensors(
+            path, f"{path}: safetensors header is not valid JSON ({e}); the file is damaged or not safetensors"
         ) from None
     if not isinstance(obj, dict):
-        raise InputError(f"{path}: safetensors header is not a JSON object; the file is damaged")
+        raise _not_safetensors(path, f"{path}: safetensors header is not a JSON object; the file is damaged")
 
     data_start = 8 + n
     data_size = size - data_start

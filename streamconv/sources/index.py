@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from ..core.errors import FlagError, InputError
 from .header import read_header
 from .locate import locate
+from .mapped import file_identity
 from .schemes import SCHEMES, EntryClass, classify, refusal
 from .tensor import Skipped, SourceTensor
 
@@ -54,11 +55,17 @@ class SourceIndex:
         return any(len(getattr(t, "slices", ())) > 1 for t in self.tensors.values())
 
     def fingerprint(self) -> list:
-        """What identifies this input for ``--resume``: files (every rank file, the strategy) with size and mtime."""
+        """What identifies this input for ``--resume``: files (every rank file, the strategy) with size, mtime
+        and inode.
+
+        The inode tells a file replaced by another of the same size and time (a
+        copy renamed into place); the stream checks the same identity when it
+        opens each file, so a file changed after planning is refused.
+        """
         out = []
         for p in list(self.files) + list(self.strategy_files):
             st = os.stat(p)
-            out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+            out.append([os.path.abspath(p), *file_identity(st)])
         return out
 
 

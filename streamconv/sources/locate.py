@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 from ..core.errors import InputError, PathError
+from .ckpt import ckpt_advice, looks_like_ckpt
 from .tensor import Skipped
 
 HYPER_PARAM_FILE = "hyper_param.safetensors"
@@ -187,6 +188,9 @@ def locate(load_path: str, skipped: Skipped) -> Located:
         skipped.files.append((os.path.join(directory, HYPER_PARAM_FILE), "hyper-parameters and rank-0 slices, not weights"))
         st_files.remove(HYPER_PARAM_FILE)
     if not st_files:
+        ckpts = [e for e in entries if e.endswith(".ckpt") and looks_like_ckpt(os.path.join(directory, e))]
+        if ckpts:
+            raise InputError(ckpt_advice(directory, found=ckpts))
         raise InputError(f"{directory}: no .safetensors weight files found; point --load-dir at the checkpoint")
     return Located(layout, [os.path.join(directory, e) for e in st_files], None)
 

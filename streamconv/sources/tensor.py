@@ -7,13 +7,13 @@ as an identity (two pieces that read the same tensor's same rows are the same
 read).
 
 It is also how the stream reads: :meth:`SourceTensor.read` returns a block of
-rows and :meth:`SourceTensor.spans` the file byte ranges behind them (to
-populate, prefetch and release pages). A tensor stored differently — cut into
+rows (read into the caller's staging buffer) and :meth:`SourceTensor.spans`
+the file byte ranges behind them (to prefetch them and count bytes read). A tensor stored differently — cut into
 slices over several files, as per-rank training output is — is another class
 with the same members (``shape``, ``dtype``, ``itemsize``, ``read``,
 ``spans``, ``block_end``), and nothing downstream changes. ``block_end`` lets
-such a tensor end a stream block at a storage boundary, so that a block is read
-from one slice (a view) rather than assembled from two.
+such a tensor end a stream block (and each read) at a storage boundary, so that
+a read comes from one slice file rather than being assembled from two.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class SourceTensor:
         return stop
 
     def read(self, files, start: int, stop: int, step: int = 1, col0: int = 0, col1=None, staging=None):
-        """Rows ``start:stop:step``, columns ``col0:col1`` as a 2-D numpy array (a view where possible)."""
+        """Rows ``start:stop:step``, columns ``col0:col1`` as a 2-D numpy array (a view of ``staging``)."""
         from .mapped import read_rows
 
         return read_rows(files, self.path, self.info, start, stop, step, col0, col1, staging)

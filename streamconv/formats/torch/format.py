@@ -21,9 +21,9 @@ import zlib
 from ...megatron.entries import EntryKind
 from ...megatron.files import ITERATION_DIR, TRACKER, TRACKER_BYTES
 from ..base import FileWriter, FormatPlan, OutputFormat, PlanInput, PlannedFile, StreamGroup
-from .reader import RankFileReader, TorchFileReader, zip_records
+from .reader import TOP_LEVEL, RankFileReader, TorchFileReader, zip_records
 from .state_pickle import build_pickle
-from .zipwriter import TorchZipWriter, archive_size
+from .zipwriter import HEAD_RECORDS, SERIALIZATION_ID, VERSION_RECORD, TorchZipWriter, archive_size, record_plan
 
 RANK_FILE = "model_optim_rng.pt"
 ARCHIVE_PREFIX = "model_optim_rng"
@@ -117,21 +117,53 @@ class TorchFormat(OutputFormat):
             records = zip_records(path)
             if [[n, size, crc] for n, (_, size, crc) in records.items()] != record["records"]:
                 return False
-            with open(path, "rb") as fh:
-                for offset, size, want in records.values():
-                    fh.seek(offset)
-                    crc, left = 0, size
-                    while left:
-                        chunk = fh.read(min(left, _READ_CHUNK))
-                        if not chunk:
-                            return False
-                        crc = zlib.crc32(chunk, crc)
-                        left -= len(chunk)
-                    if crc != want:
-                        return False
-            return True
+            return _crcs_ok(path, records)
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
             return False
+
+    def matches_plan(self, path: str, f: PlannedFile, check_data: bool = True) -> bool:
+        """The planned size, zip records (names, sizes, order), pickle and serialization id; then every CRC.
+
+        The pickle holds ``args`` and every key with its dtype and shape, and the
+        serialization id is derived from the flags, the input file names and sizes
+        and the file's path; the CRCs show that the stored data is what was written.
+        """
+        try:
+            if os.path.getsize(path) != f.size:
+                return False
+            pkl, sid = f.state
+            sizes = [e.nbytes for e in f.entries if e.kind is not EntryKind.NONE]
+            want = record_plan(ARCHIVE_PREFIX, len(pkl), sizes, len(sid))
+            records = zip_records(path)
+            if [(n, size) for n, (_, size, _) in records.items()] != [(n, size) for n, size in want]:
+                return False
+            fixed = {f"{ARCHIVE_PREFIX}/data.pkl": pkl, f"{ARCHIVE_PREFIX}/{SERIALIZATION_ID}": sid.encode(),
+                     f"{ARCHIVE_PREFIX}/{VERSION_RECORD[0]}": VERSION_RECORD[1]}
+            fixed.update({f"{ARCHIVE_PREFIX}/{n}": d for n, d in HEAD_RECORDS})
+            with open(path, "rb") as fh:
+                for name, data in fixed.items():
+                    offset, size, _ = records[name]
+                    fh.seek(offset)
+                    if fh.read(size) != data:
+                        return False
+            return _crcs_ok(path, records) if check_data else True
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+            return False
+
+    def is_own_file(self, path: str) -> bool:
+        """A ``torch.save`` archive holding only a converted model: ``args``, ``model``, iteration 1.
+
+        That is what streamconv (and Megatron's own converter, whose files streamconv
+        reproduces) writes. A training checkpoint (optimizer, RNG state, another
+        iteration) or anything the restricted reader cannot parse is not.
+        """
+        try:
+            st = RankFileReader(path).state
+        except Exception:  # noqa: BLE001 - unreadable or foreign: not ours
+            return False
+        return (isinstance(st, dict) and {"args", "model", "checkpoint_version", "iteration"} <= set(st)
+                and set(st) <= set(TOP_LEVEL) | {"rerun_state_machine"}
+                and st.get("iteration") == 1 and isinstance(st.get("model"), dict))
 
     def open_reader(self, path: str, f: PlannedFile) -> TorchFileReader:
         return TorchFileReader(path)
@@ -153,6 +185,23 @@ class TorchFormat(OutputFormat):
             except Exception:  # noqa: BLE001 - try the next rank file
                 continue
         return None, None
+
+
+def _crcs_ok(path: str, records: dict) -> bool:
+    """Every record's data has the CRC its zip directory states."""
+    with open(path, "rb") as fh:
+        for offset, size, want in records.values():
+            fh.seek(offset)
+            crc, left = 0, size
+            while left:
+                chunk = fh.read(min(left, _READ_CHUNK))
+                if not chunk:
+                    return False
+                crc = zlib.crc32(chunk, crc)
+                left -= len(chunk)
+            if crc != want:
+                return False
+    return True
 
 
 FORMAT = TorchFormat()

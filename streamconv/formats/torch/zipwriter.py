@@ -103,7 +103,7 @@ def _end_records(n: int, cd_offset: int, cd_size: int) -> bytes:
 
 def archive_size(prefix: str, pickle_size: int, storage_sizes: list, serialization_id_len: int = 40) -> int:
     """Exact size of the archive :class:`TorchZipWriter` writes for these records."""
-    names = _record_plan(prefix, pickle_size, storage_sizes, serialization_id_len)
+    names = record_plan(prefix, pickle_size, storage_sizes, serialization_id_len)
     offset = 0
     cd = 0
     for name, size in names:
@@ -113,7 +113,8 @@ def archive_size(prefix: str, pickle_size: int, storage_sizes: list, serializati
     return offset + cd + 56 + 20 + 22
 
 
-def _record_plan(prefix, pickle_size, storage_sizes, sid_len):
+def record_plan(prefix, pickle_size, storage_sizes, sid_len):
+    """(record name, size) of every record, in the order :class:`TorchZipWriter` writes them."""
     names = [(f"{prefix}/data.pkl", pickle_size)]
     names += [(f"{prefix}/{n}", len(d)) for n, d in HEAD_RECORDS]
     names += [(f"{prefix}/data/{i}", s) for i, s in enumerate(storage_sizes)]

@@ -25,6 +25,7 @@ stage: the column slices of a row-parallel weight at all TP ranks are one step
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -38,12 +39,22 @@ from ...megatron.parallel import Rank, stage_world
 from ...megatron.pieces import slice_rows
 from ...megatron.sharded import ShardedChunk, ShardedView
 from ..base import FileWriter, FormatPlan, OutputFormat, PlanInput, PlannedFile, StreamGroup
-from .common import COMMON_FILE, METADATA_JSON_FILE, common_pt_bytes, metadata_json_bytes
-from .item import TensorItemWriter, item_size, object_item_bytes
-from .metadata import METADATA_FILE, PICKLE_PROTOCOL, Chunk, ObjectEntry, TensorEntry, build_metadata, check_coverage
+from ..torch.state_pickle import build_tensor_pickle
+from ..torch.zipwriter import HEAD_RECORDS, VERSION_RECORD, record_plan
+from .common import CHECKPOINTING_CONFIG, COMMON_FILE, METADATA_JSON_FILE, common_pt_bytes, metadata_json_bytes
+from .item import ARCHIVE_PREFIX, TensorItemWriter, chunk_nbytes, item_size, object_item_bytes
+from .metadata import (METADATA_FILE, PICKLE_PROTOCOL, Chunk, ObjectEntry, TensorEntry, build_metadata,
+                       check_coverage, read_metadata)
 from .reader import TorchDistFileReader, archive_records, checkpoint_metadata, crc_of
 
 _DATA_FILE_RE = re.compile(r"__\d+_\d+\.distcp")
+#: the files of a torch_dist checkpoint besides its data files (the tracker is shared with every format)
+_DIR_FILES = (COMMON_FILE, METADATA_FILE, METADATA_JSON_FILE)
+#: first component of every key a converted checkpoint holds (a training one adds optimizer, rng_state, ...)
+_MODEL_KEY_ROOTS = ("decoder", "embedding", "output_layer", "mtp")
+#: top-level keys of a converted checkpoint's common.pt (Megatron's save also has optimizer state, rng, ...)
+_COMMON_KEYS = ("args", "checkpoint_version", "iteration", "num_floating_point_operations_so_far",
+                "rerun_state_machine")
 
 
 def data_file_name(global_rank: int) -> str:
@@ -287,15 +298,109 @@ class TorchDistFormat(OutputFormat):
         except Exception:  # noqa: BLE001 - any damage (bad zip, short file, odd record): rewrite it
             return False
 
+    def matches_plan(self, path: str, f: PlannedFile, check_data: bool = True) -> bool:
+        """The planned size; every item where planned, a tensor item with the planned records (names, sizes,
+        order) and the fixed ones (``data.pkl`` with its shape and dtype, format records) byte for byte, a byte
+        object equal; then (``check_data``) every record against its CRC.
+
+        An item's serialization id and CRCs depend on the data, so the data itself
+        is checked by its CRCs here; that it is this input's is the ``.metadata``
+        (compared byte for byte as a final file) and the sampled tensors' business.
+        """
+        try:
+            if os.path.getsize(path) != f.size:
+                return False
+            with open(path, "rb") as fh:
+                for it in f.state.items:
+                    if it.offsets is None:
+                        fh.seek(it.offset)
+                        if fh.read(it.length) != it.data:
+                            return False
+                        continue
+                    recs = archive_records(fh, it.offset, it.length)
+                    pkl = build_tensor_pickle(it.dtype, it.shape)
+                    want = record_plan(ARCHIVE_PREFIX, len(pkl), [chunk_nbytes(it.dtype, it.shape)], 40)
+                    if [(n, size) for n, (_, size, _) in recs.items()] != [(n, size) for n, size in want]:
+                        return False
+                    fixed = {f"{ARCHIVE_PREFIX}/data.pkl": pkl,
+                             f"{ARCHIVE_PREFIX}/{VERSION_RECORD[0]}": VERSION_RECORD[1]}
+                    fixed.update({f"{ARCHIVE_PREFIX}/{n}": d for n, d in HEAD_RECORDS})
+                    for name, data in fixed.items():
+                        start, size, _ = recs[name]
+                        fh.seek(start)
+                        if fh.read(size) != data:
+                            return False
+                    if check_data:
+                        for start, size, crc in recs.values():
+                            if crc_of(fh, start, size) != crc:
+                                return False
+            return True
+        except Exception:  # noqa: BLE001 - unreadable, truncated, another layout: not this file
+            return False
+
+    def is_own_file(self, path: str) -> bool:
+        """A file of a converted (model-only, iteration 1) torch_dist checkpoint, by its content.
+
+        ``.metadata`` must unpickle as DCP metadata (restricted) holding only
+        model keys; ``common.pt`` only ``args``, ``checkpoint_version``,
+        ``iteration`` 1 and Megatron's counters; ``metadata.json`` Megatron's
+        torch_dist config; a ``.distcp`` file must be named in that ``.metadata``
+        and end where its last item does. A training checkpoint (optimizer, RNG
+        state, another iteration) fails one of these, and so does every file of
+        its directory, since each also needs the ``.metadata`` and ``common.pt``
+        beside it (where present) to be a converted one's.
+        """
+        d, name = os.path.split(path)
+        try:
+            if not self._converted_dir(d):
+                return False
+            if name == METADATA_FILE:
+                return os.path.isfile(path)
+            if name == COMMON_FILE:
+                return os.path.isfile(path)  # checked by _converted_dir
+            if name == METADATA_JSON_FILE:
+                with open(path, "rb") as fh:
+                    cfg = json.loads(fh.read(4096) or b"null")
+                return isinstance(cfg, dict) and cfg.get("sharded_backend") == CHECKPOINTING_CONFIG["sharded_backend"]
+            if _DATA_FILE_RE.fullmatch(name):
+                md = read_metadata(os.path.join(d, METADATA_FILE))
+                ends = [info.offset + info.length for info in md.storage_data.values() if info.relative_path == name]
+                if not ends or max(ends) != os.path.getsize(path):
+                    return False
+                with open(path, "rb") as fh:
+                    return fh.read(4) == b"PK\x03\x04"
+        except Exception:  # noqa: BLE001 - unreadable or foreign: not ours
+            return False
+        return False
+
+    @staticmethod
+    def _converted_dir(d: str) -> bool:
+        """The directory's ``.metadata`` and ``common.pt``, where present, are a converted checkpoint's."""
+        md_path, common = os.path.join(d, METADATA_FILE), os.path.join(d, COMMON_FILE)
+        if os.path.exists(md_path):
+            md = read_metadata(md_path)
+            if not md.state_dict_metadata or any(k.split(".", 1)[0] not in _MODEL_KEY_ROOTS
+                                                 for k in md.state_dict_metadata):
+                return False
+        if os.path.exists(common):
+            from ..torch.reader import RankFileReader
+
+            st = RankFileReader(common).state
+            if not (isinstance(st, dict) and {"args", "checkpoint_version", "iteration"} <= set(st)
+                    and set(st) <= set(_COMMON_KEYS) and st.get("iteration") == 1):
+                return False
+        return True
+
     def open_reader(self, path: str, f: PlannedFile) -> TorchDistFileReader:
         return TorchDistFileReader(path, f)
 
     def own_files(self, root: str) -> list:
+        """The data files (``__<rank>_<thread>.distcp``) and ``common.pt``, ``.metadata``, ``metadata.json``."""
         it = os.path.join(root, ITERATION_DIR)
         if not os.path.isdir(it):
             return []
         return [f"{ITERATION_DIR}/{n}" for n in sorted(os.listdir(it))
-                if _DATA_FILE_RE.fullmatch(n) and os.path.isfile(os.path.join(it, n))]
+                if (_DATA_FILE_RE.fullmatch(n) or n in _DIR_FILES) and os.path.isfile(os.path.join(it, n))]
 
     def read_args(self, root: str):
         from ..torch.reader import RankFileReader

@@ -11,18 +11,23 @@ for rows ``start:stop:step`` and columns ``col0:col1``. A slice is an N-D box of
 the full tensor (any dimension may be split), so:
 
 * a request that lies inside one slice's rows and columns is that slice's rows,
-  returned as a view of its mapped file (no copy): the usual case for a
-  column-parallel weight (split on dim 0) read in row blocks, since
-  :meth:`CompositeTensor.block_end` lets the stream end its blocks at slice edges;
+  read into the caller's staging buffer like any tensor (no second copy): the
+  usual case for a column-parallel weight (split on dim 0) read in row blocks,
+  since :meth:`CompositeTensor.block_end` lets the stream end its blocks (and
+  its reads) at slice edges;
 * otherwise the rows are assembled into one reusable buffer
-  (:meth:`MappedFiles.scratch <streamconv.sources.mapped.MappedFiles.scratch>`,
-  at most one stream block, counted by the memory model): each overlapping slice
-  copies its part in, a contiguous column band for 2-D slices (and any box whose
-  flattened columns are one run), an index gather for the rest.
+  (:meth:`SourceFiles.scratch <streamconv.sources.mapped.SourceFiles.scratch>`):
+  each overlapping slice's part is read into the staging buffer — which the next
+  read overwrites — and copied into the assembly buffer at once, a contiguous
+  column band for 2-D slices (and any box whose flattened columns are one run),
+  an index gather for the rest. A part never exceeds the request's rows over
+  the full width, which is what the stream sizes its staging buffer for, and the
+  assembly buffer never exceeds the request, so the memory model counts one more
+  staging-sized buffer for such an input.
 
 :meth:`CompositeTensor.spans` lists the byte ranges of every slice file holding
-rows of the request, so the stream populates, prefetches and releases the pages
-of each slice per block exactly as for a single file.
+rows of the request, so the stream prefetches the bytes of each slice per block
+exactly as for a single file.
 
 Both classes are frozen dataclasses with tuple fields: rules and the stream use
 source tensors as identities (hashable, equal when they describe the same bytes).
@@ -145,7 +150,8 @@ class CompositeTensor:
         return out
 
     def read(self, files, start: int, stop: int, step: int = 1, col0: int = 0, col1=None, staging=None):
-        """Rows ``start:stop:step``, columns ``col0:col1`` as a 2-D array (a view when one slice holds them)."""
+        """Rows ``start:stop:step``, columns ``col0:col1`` as a 2-D array: a view of ``staging`` when one slice
+        holds them, else of the assembly buffer (either is valid until the next read)."""
         rows, cols = as_matrix(self.full_shape)
         col1 = cols if col1 is None else col1
         if not (0 <= start <= stop <= rows) or not (0 <= col0 <= col1 <= cols) or step < 1:
