@@ -100,6 +100,12 @@ def index_checkpoint(load_path: str, strategy_path: str | None = None, step: int
     unknown = []
     for path in found.files:
         hdr = read_header(path)
+        if str(hdr.metadata.get("remove_redundancy", "")).lower() == "true":
+            # MindSpore's de-duplicated parallel save: a replicated weight is kept by one rank only
+            raise InputError(
+                f"{path}: saved with remove_redundancy: True, so it is one rank's part of a per-rank training "
+                "run (weights another rank kept are missing from it); point --load-dir at the directory holding "
+                "every rank_N/ with its strategy")
         for name, info in hdr.tensors.items():
             if name in raw_seen:
                 raise InputError(

@@ -95,6 +95,37 @@ def _one_rank(what: str) -> InputError:
     )
 
 
+_STRATEGY_FILE_RE = re.compile(r"ckpt_strategy.*\.(ckpt|json)|.*strategy.*\.(ckpt|json)")
+
+
+def _strategy_beside(directory: str) -> str | None:
+    """A MindSpore parallel strategy in ``directory``, its ``strategy/`` or its parent's ``strategy/``.
+
+    Weights saved with a strategy are one rank's slices (a one-device run saves none), whatever the file is
+    called: a slice renamed to model.safetensors must not pass for a smaller model.
+    """
+    parent = os.path.dirname(os.path.abspath(directory))
+    for d in (directory, os.path.join(directory, "strategy"), os.path.join(parent, "strategy")):
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        found = sorted(n for n in names if _STRATEGY_FILE_RE.fullmatch(n) and os.path.isfile(os.path.join(d, n)))
+        if found:
+            return os.path.join(d, found[0])
+    return None
+
+
+def _refuse_with_strategy(what: str, directory: str) -> None:
+    found = _strategy_beside(directory)
+    if found is not None:
+        raise InputError(
+            f"{what}: a parallel strategy ({found}) lies beside it, so its weights are one rank's slices of a "
+            "per-rank training run, not whole tensors; point --load-dir at the directory holding every rank_N/ "
+            "(with --src-strategy-path if needed)"
+        )
+
+
 def _per_rank_root(directory: str) -> str | None:
     """``directory`` if it is per-rank training output (or holds it in ``checkpoint/``), else None."""
     if _has_rank_files(os.path.join(directory, "checkpoint")):
@@ -149,6 +180,7 @@ def locate(load_path: str, skipped: Skipped) -> Located:
             return Located(f"index {base}", files, wm)
         if _PER_RANK_FILE_RE.fullmatch(base) and not _lone_rank_0(os.path.dirname(os.path.abspath(load_path))):
             raise _one_rank(load_path)
+        _refuse_with_strategy(load_path, os.path.dirname(os.path.abspath(load_path)))
         return Located("single file", [load_path], None)
 
     directory = load_path
@@ -166,6 +198,7 @@ def locate(load_path: str, skipped: Skipped) -> Located:
     root = _per_rank_root(directory)
     if root is not None:
         return Located("per-rank training output", [], None, per_rank=root)
+    _refuse_with_strategy(directory, directory)
 
     for index_name in (UNIFIED_MAP, "model.safetensors.index.json"):
         idx = os.path.join(directory, index_name)
