@@ -626,3 +626,66 @@ def test_help_mentions_hugging_face_input():
     p = subprocess.run([sys.executable, "-m", "streamconv", "convert", "--help"], capture_output=True, text=True)
     assert p.returncode == 0
     assert "Hugging Face" in p.stdout and "--model-config" in p.stdout and "--norm-epsilon" in p.stdout
+
+
+def _hf_mtp_dir(tmp_path, edit=None) -> tuple:
+    """DeepSeek-V3 with one MTP layer under HF names, as deepseek-ai ships it: model.layers.4 after the 4 decoder
+    layers holds the MTP module (enorm, hnorm, eh_proj, shared_head.norm, a whole MoE layer) and copies of the
+    embedding and output head. Returns (hf dir, the same model's mindformers file, its config.json)."""
+    from moe_fixtures import make_variant
+
+    v = make_variant("ds4_mtp1", str(tmp_path / "variant"))
+    hf = dict(v["hf"])
+    hf["model.layers.4.embed_tokens.weight"] = hf["model.embed_tokens.weight"].clone()
+    hf["model.layers.4.shared_head.head.weight"] = hf["lm_head.weight"].clone()
+    if edit:
+        edit(hf)
+    d = tmp_path / "hf_mtp"
+    d.mkdir()
+    save_file({k: t.contiguous() for k, t in hf.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(v["config"], d / "config.json")
+    return str(d), v["load"], v["config"]
+
+
+@pytest.mark.parametrize("tp,pp,ep", [(2, 2, 2), (1, 1, 4)])
+def test_hf_deepseek_mtp_layer_equals_mindformers_conversion(tmp_path, tp, pp, ep):
+    """HF's model.layers.L (L = num_hidden_layers) is Megatron's mtp.layers.0: the HF model converts to the bytes of
+    the mindformers checkpoint holding the same MTP weights (whose conversion the real-Megatron dumps check)."""
+    hf_dir, mf_file, config = _hf_mtp_dir(tmp_path)
+    common = ["--target-tensor-parallel-size", str(tp), "--target-pipeline-parallel-size", str(pp),
+              "--target-expert-parallel-size", str(ep), "--saver-transformer-impl", "local"]
+    hf_out, mf_out = str(tmp_path / "hf_out"), str(tmp_path / "mf_out")
+    code, out, err = streamconv(["plan", "--load-dir", hf_dir, "--save-dir", hf_out, *common])
+    assert code == 0 and "model.layers.4.embed_tokens.weight, model.layers.4.shared_head.head.weight" in out, out + err
+    convert(["--load-dir", hf_dir, "--save-dir", hf_out, *common])
+    convert(["--load-dir", mf_file, "--model-config", config, "--save-dir", mf_out, *common])
+    same_files(hf_out, mf_out)
+
+
+def test_hf_mtp_layer_before_a_decoder_layer_is_refused(tmp_path):
+    def move(hf):  # the MTP module's own tensors on layer 2, with layers 3 and 4 after it
+        for k in [k for k in hf if k.startswith("model.layers.4.") and k.split(".", 3)[3] in
+                  ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight")]:
+            hf[k.replace("model.layers.4.", "model.layers.2.")] = hf.pop(k)
+    hf_dir, _, _ = _hf_mtp_dir(tmp_path, move)
+    line = refusal(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o")])
+    assert "model.layers.2" in line and "multi-token-prediction" in line and "model.layers.4" in line, line
+
+
+def test_hf_mtp_copy_of_another_shape_is_refused(tmp_path):
+    def cut(hf):
+        hf["model.layers.4.embed_tokens.weight"] = hf["model.layers.4.embed_tokens.weight"][:-1].clone()
+    hf_dir, _, _ = _hf_mtp_dir(tmp_path, cut)
+    line = refusal(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o")])
+    assert "model.layers.4.embed_tokens.weight" in line and "embedding.word_embeddings.weight" in line, line
+
+
+def test_fp8_block_quantized_deepseek_is_refused_with_what_to_run(tmp_path):
+    """DeepSeek-V3 as released: F8_E4M3 weights with a weight_scale_inv per 128x128 block."""
+    def quantize(hf):
+        w = hf["model.layers.0.self_attn.kv_b_proj.weight"]
+        hf["model.layers.0.self_attn.kv_b_proj.weight"] = w.to(torch.float8_e4m3fn)
+        hf["model.layers.0.self_attn.kv_b_proj.weight_scale_inv"] = torch.ones(1, 1)
+    hf_dir, _, _ = _hf_mtp_dir(tmp_path, quantize)
+    line = refusal(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o")])
+    assert "weight_scale_inv" in line and "FP8" in line and "fp8_cast_bf16.py" in line, line

@@ -65,3 +65,16 @@ def test_a_one_device_run_rank_0_converts(tmp_path):
                  str(tmp_path / "o"), "--model-config", os.path.join(MOE, "hf", "config.json")], check=False)
     assert p.returncode == 0, p.stderr
     assert "4 experts" in p.stdout
+
+
+def test_slice_renamed_beside_the_models_config_json_is_refused(tmp_path):
+    """No strategy, no metadata: the model's config.json beside it says 4 heads, the slice holds one head's columns."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    shutil.copy(_rank0_file(), d / "model.safetensors")
+    cfg = dict(json.load(open(os.path.join(os.path.dirname(DIST), "DIST_MANIFEST.json")))["model_config"])
+    cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu", rope_theta=1000000)
+    json.dump(cfg, open(d / "config.json", "w"))
+    _refused(["--load-dir", str(d), "--save-dir", str(tmp_path / "o")],
+             "config.json num_attention_heads 4", "contradicts the checkpoint", "head count of 1")
+    assert not (tmp_path / "o").exists()

@@ -70,8 +70,8 @@ def infer(lt: LayerTensors, h: int, o, notes: list) -> AttentionConfig:
             "check --num-attention-heads / --num-query-groups"
         )
     nq, ng = q_total // head_dim, kv_total // head_dim
-    check_flag("--num-attention-heads", o.num_attention_heads, nq, f"with head dim {head_dim}, {proj.name} {list(proj.shape)} gives a head count of")
-    check_flag("--num-query-groups", o.num_query_groups, ng, f"with head dim {head_dim}, layer 0's key/value rows give a query-group count of")
+    check_flag(o.source_of("num_attention_heads", "--num-attention-heads"), o.num_attention_heads, nq, f"with head dim {head_dim}, {proj.name} {list(proj.shape)} gives a head count of")
+    check_flag(o.source_of("num_query_groups", "--num-query-groups"), o.num_query_groups, ng, f"with head dim {head_dim}, layer 0's key/value rows give a query-group count of")
     if nq % ng:
         raise InputError(f"{nq} attention heads are not a multiple of {ng} query groups; the checkpoint is not a GQA model")
     if nq * head_dim != h:

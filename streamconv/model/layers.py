@@ -31,7 +31,7 @@ def count(t: Tensors, o, notes: list) -> int:
     if layers[-1] != n - 1:  # sorted distinct indices: a gap somewhere
         gap = next(i for i, x in enumerate(layers) if x != i)
         raise InputError(f"layer {gap} is missing from {t.index.load_path} (found layers up to {layers[-1]}); the checkpoint is incomplete")
-    check_flag("--num-layers", o.num_layers, n, "the number of layers found is")
+    check_flag(o.source_of("num_layers", "--num-layers"), o.num_layers, n, "the number of layers found is")
     if o.num_layers is None:
         notes.append(f"num_layers={n}")
     return n

@@ -33,7 +33,9 @@ def resolve_config(index, o: ConvertOptions) -> ModelConfig:
         )
     for tensor in index.tensors.values():
         if tensor.dtype not in FLOAT_WEIGHT_DTYPES:
-            raise InputError(f"{tensor.path}: weight {tensor.name!r} has dtype {tensor.dtype}; expected F32, F16 or BF16")
+            fp8 = " (FP8: dequantize to BF16 first)" if tensor.dtype.startswith("F8") else ""
+            raise InputError(f"{tensor.path}: weight {tensor.name!r} has dtype {tensor.dtype}; expected F32, F16 "
+                             f"or BF16{fp8}")
 
     t = Tensors(index)
     source_vocab, h = vocab.embedding(t, o)

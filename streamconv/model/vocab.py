@@ -35,7 +35,7 @@ def embedding(t: Tensors, o) -> tuple:
     if len(emb.shape) != 2:
         raise InputError(f"{emb.path}: {emb.name} has shape {list(emb.shape)}; expected [vocab, hidden]")
     vocab, h = emb.shape
-    check_flag("--hidden-size", o.hidden_size, h, f"{emb.name} {list(emb.shape)} gives hidden size")
+    check_flag(o.source_of("hidden_size", "--hidden-size"), o.hidden_size, h, f"{emb.name} {list(emb.shape)} gives hidden size")
     return vocab, h
 
 

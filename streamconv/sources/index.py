@@ -98,6 +98,7 @@ def index_checkpoint(load_path: str, strategy_path: str | None = None, step: int
     raw_seen: dict = {}
     used = set()
     unknown = []
+    copies = []
     for path in found.files:
         hdr = read_header(path)
         if str(hdr.metadata.get("remove_redundancy", "")).lower() == "true":
@@ -134,6 +135,10 @@ def index_checkpoint(load_path: str, strategy_path: str | None = None, step: int
             if cls.kind is EntryClass.ARTIFACT:
                 skipped.artifacts.append(name)
                 continue
+            if cls.kind is EntryClass.COPY:
+                copies.append((name, path, info, cls.canonical))
+                used.add(cls.scheme.name)
+                continue
             if cls.kind is EntryClass.UNKNOWN:
                 why = refusal(name)
                 if why:
@@ -166,8 +171,29 @@ def index_checkpoint(load_path: str, strategy_path: str | None = None, step: int
         )
     if not tensors:
         raise InputError(f"{load_path}: holds no model weights (only optimizer or step entries)")
+    set_aside_copies(copies, tensors, skipped)
     tensors, schemes = settle_schemes(load_path, tensors, used)
     return SourceIndex(load_path, found.layout, found.files, tensors, skipped, schemes)
+
+
+def set_aside_copies(copies: list, tensors: dict, skipped: Skipped) -> None:
+    """Skip stored copies of shared weights (DeepSeek's MTP layer repeats the embedding and output head).
+
+    Megatron's MTP layers use the model's own embedding and output layer, so a
+    copy has nowhere to go; it must at least be shaped like the weight it copies.
+    """
+    for name, path, info, of in copies:
+        main = tensors.get(of)
+        if main is None and of == "output_layer.weight":
+            main = tensors.get("embedding.word_embeddings.weight")  # tied: the head is the embedding
+        if main is None or tuple(main.shape) != tuple(info.shape):
+            raise InputError(
+                f"{path}: tensor {name!r} {list(info.shape)} should be a copy of {of} "
+                + (f"{list(main.shape)}" if main is not None else "(absent)")
+                + "; the checkpoint is damaged or not the model its names say")
+    if copies:
+        skipped.other.append(("copies of the shared embedding / output head stored in the multi-token-prediction "
+                              "layer (Megatron's MTP uses the model's own)", [c[0] for c in copies]))
 
 
 def settle_schemes(load_path: str, tensors: dict, used: set) -> tuple:
@@ -181,4 +207,6 @@ def settle_schemes(load_path: str, tensors: dict, used: set) -> tuple:
         )
     if schemes:  # a name several schemes share (lm_head.weight) belongs to the checkpoint's scheme
         tensors = {k: t if t.scheme in used else replace(t, scheme=schemes[0].name) for k, t in tensors.items()}
+    for scheme in schemes:
+        tensors = scheme.regroup(tensors)
     return tensors, schemes

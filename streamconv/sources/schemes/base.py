@@ -37,6 +37,7 @@ class EntryClass(Enum):
     PLACEHOLDER = "placeholder"  # dropout entries: no weights
     BUFFER = "buffer"  # runtime counters saved beside the weights (MoE router load statistics)
     ARTIFACT = "artifact"  # tensors a converter writes that no model has
+    COPY = "copy"  # a copy of another weight the model shares (canonical: the weight it copies)
     UNKNOWN = "unknown"
 
 
@@ -125,6 +126,10 @@ class InputScheme:
     def normalize(self, name: str) -> str:
         """Undo wrappers around names (e.g. a ``model.`` prefix); identity by default."""
         return name
+
+    def regroup(self, tensors: dict) -> dict:
+        """{canonical: SourceTensor} with names only the whole checkpoint can settle (which layers are MTP) settled."""
+        return tensors
 
     def source_layouts(self, options) -> SourceLayouts:
         """Row layouts of this scheme's fused tensors (mindformers: what the layout flags say)."""

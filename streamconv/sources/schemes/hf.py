@@ -31,22 +31,40 @@ Megatron's own tensors, unchanged, and need no rope permutation either
 (``rope_interleave`` is undone inside both attentions). What Megatron r0.12
 cannot load or streamconv does not read from HF names is refused in one line:
 :data:`PENDING` lists it.
+
+Multi-token prediction (DeepSeek-V3's ``num_nextn_predict_layers``): HF stores the
+MTP module as one more decoder layer after the last, ``model.layers.L.*``, holding
+a whole transformer layer plus ``enorm``, ``hnorm``, ``eh_proj`` and
+``shared_head.norm`` (Megatron's ``mtp.layers.0.{enorm, hnorm, eh_proj,
+final_layernorm}``, the same tensors: both concatenate [enorm(embedding);
+hnorm(hidden)] before ``eh_proj``). Its ``embed_tokens`` and ``shared_head.head``
+are copies of the model's embedding and output head, which Megatron's MTP uses
+directly; they are set aside. A layer is recognised as MTP by holding those
+tensors (:meth:`HuggingFace.regroup`), not by its index, so a model config is not
+needed to tell.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
+from ...core.errors import InputError
 from ...core.options import Fc1Layout, QkvLayout
-from .base import LAYER_INDEX, EntryClass, InputScheme, NameClass, SourceLayouts, layer_key
+from .base import LAYER_INDEX, EntryClass, InputScheme, NameClass, SourceLayouts, layer_key, layer_of
 
 #: per-layer weights streamconv cannot convert from HF names: (pattern on the per-layer suffix, what they are)
 PENDING = (
     (re.compile(r"mlp\.shared_expert_gate\.weight"), "shared-expert gate (Megatron r0.12 cannot load one)"),
     (re.compile(r"mlp\.shared_expert\.(gate|up|down)_proj\.weight"), "Qwen2-MoE shared expert"),
-    (re.compile(r"(enorm|hnorm|eh_proj|shared_head\.norm|shared_head\.head|embed_tokens)\.weight"),
-     "multi-token-prediction (MTP) layer"),
 )
+#: a multi-token-prediction layer's own tensors (HF suffix -> Megatron's mtp.layers.K.<suffix>)
+MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+           "shared_head.norm.weight": "final_layernorm.weight"}
+#: in an MTP layer, copies of the model's embedding and output head (Megatron's MTP uses the model's own)
+MTP_COPIES = {"embed_tokens.weight": "embedding.word_embeddings.weight", "shared_head.head.weight": "output_layer.weight"}
+#: canonical suffix marking an MTP layer's own tensors until :meth:`HuggingFace.regroup` moves the layer
+_MTP_MARK = "nextn."
 #: routed experts, one tensor each: mlp.experts.E.{gate,up,down}_proj -> streamconv's per-expert canonical names
 _EXPERT_RE = re.compile(r"mlp\.experts\.(0|[1-9]\d{0,5})\.(gate|up|down)_proj\.weight")
 _EXPERT_CANONICAL = {"gate": "linear_fc1_gate", "up": "linear_fc1_up", "down": "linear_fc2"}
@@ -103,6 +121,11 @@ class HuggingFace(InputScheme):
         if m and m.group(2) == "self_attn.rotary_emb.inv_freq":
             # a buffer older transformers versions saved: recomputed from rope_theta, not a weight
             return NameClass(EntryClass.PLACEHOLDER)
+        if m and m.group(2) in MTP_OWN:
+            i = int(m.group(1))
+            return NameClass(EntryClass.WEIGHT, layer_key(i, _MTP_MARK + MTP_OWN[m.group(2)]), i, self)
+        if m and m.group(2) in MTP_COPIES:
+            return NameClass(EntryClass.COPY, MTP_COPIES[m.group(2)], int(m.group(1)), self)
         e = _EXPERT_RE.fullmatch(m.group(2)) if m else None
         if e:
             i = int(m.group(1))
@@ -110,11 +133,40 @@ class HuggingFace(InputScheme):
             return NameClass(EntryClass.WEIGHT, layer_key(i, suffix), i, self)
         return super().canonical(name)
 
+    def regroup(self, tensors: dict) -> dict:
+        """Move the layers holding MTP tensors (the last ones) to ``mtp.layers.K.*``."""
+        layers = sorted({i for i in (layer_of(k) for k in tensors) if i is not None})
+        mtp = sorted({layer_of(k) for k in tensors if layer_of(k) is not None and k.split(".", 3)[3].startswith(_MTP_MARK)})
+        if not mtp:
+            return tensors
+        first = layers[-1] - len(mtp) + 1
+        if mtp[0] < first:
+            t = next(t for k, t in tensors.items() if layer_of(k) == mtp[0] and t.canonical.split(".", 3)[3].startswith(_MTP_MARK))
+            raise InputError(
+                f"{t.path}: {t.name!r} makes model.layers.{mtp[0]} a multi-token-prediction (MTP) layer, but "
+                f"decoder layers follow it up to model.layers.{layers[-1]}; MTP layers come after the last decoder "
+                "layer: the checkpoint is damaged or not a DeepSeek-V3 model")
+        out = {}
+        for key, t in tensors.items():
+            i = layer_of(key)
+            if i is None or i < first:
+                out[key] = t
+                continue
+            suffix = key.split(".", 3)[3]
+            own = suffix[len(_MTP_MARK):] if suffix.startswith(_MTP_MARK) else None
+            new = f"mtp.layers.{i - first}." + (own if own is not None else f"transformer_layer.{suffix}")
+            out[new] = replace(t, canonical=new)
+        return out
+
     def source_layouts(self, options) -> SourceLayouts:
         # Nothing is stored fused; the layout flags describe mindformers' fused tensors only.
         return SourceLayouts(QkvLayout.GROUPED, Fc1Layout.CONCAT)
 
     def refusal(self, name: str) -> str | None:
+        if name.endswith(".weight_scale_inv"):
+            return (f"tensor {name!r} is the block scale of an FP8-quantized weight (DeepSeek-V3's release format); "
+                    "streamconv reads F32/F16/BF16 weights: dequantize to BF16 first (DeepSeek-V3's "
+                    "inference/fp8_cast_bf16.py), then convert that directory")
         m = self.layer_pattern.fullmatch(name)
         if not m:
             return None
