@@ -38,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import synth  # noqa: E402
 import synth_dist  # noqa: E402
+import synth_hf_fp8  # noqa: E402
 
 GIB = 2**30
 
@@ -50,10 +51,18 @@ class DistInput:
     tp: int = 8
 
 
+@dataclass
+class HfFp8Input:
+    """``spec`` (MLA + MoE) under Hugging Face names, FP8 with block scales as DeepSeek releases it
+    (scripts/synth_hf_fp8.py)."""
+
+    spec: synth.ModelSpec
+
+
 def inputs(quick: bool) -> dict:
     if quick:
         small = synth.ModelSpec(layers=2, hidden=2048, ffn=7168, heads=16, groups=2, vocab=32064, files=2)
-        return {
+        out = {
             "l70-shapes-small": small,
             "l70-shapes-small-tp8ranks": DistInput(small, 8),
             "mid-4L": synth.ModelSpec(layers=4, hidden=1024, ffn=2816, heads=8, groups=4, vocab=8000),
@@ -62,6 +71,8 @@ def inputs(quick: bool) -> dict:
                                       ffn=2816, q_lora=256, kv_lora=128, qk_nope=32, qk_rope=16, v_head=32,
                                       moe_ffn=256, shared_ffn=256, experts=16),
         }
+        out["deepseek-small-hf-fp8"] = HfFp8Input(out["deepseek-small"])
+        return out
     # Llama-3-70B layer shapes; 2 layers + embeddings + output = 15.3 GB of fp32
     l70 = synth.ModelSpec(layers=2, hidden=8192, ffn=28672, heads=64, groups=8, vocab=128256, files=4)
     return {
@@ -73,6 +84,8 @@ def inputs(quick: bool) -> dict:
         # DeepSeek-V3 shapes (hidden 7168, 128 heads, q_lora 1536, kv_lora 512, moe_ffn 2048, shared experts,
         # fp32 expert bias; BF16): 1 dense + 2 MoE layers with 16 experts instead of 61 layers x 256 = 8.6 GB
         "deepseek-3L": replace(synth.PRESETS["deepseek_v3"], layers=3, experts=16, files=4),
+        # the same shapes under HF names, FP8 as released (the 671B release is 1/2 the BF16 size, like this)
+        "deepseek-3L-hf-fp8": HfFp8Input(replace(synth.PRESETS["deepseek_v3"], layers=3, experts=16, files=4)),
     }
 
 
@@ -103,6 +116,9 @@ def runs(quick: bool) -> list:
         (big + "-tp8ranks", "per-rank TP8 input, TP8 PP2, --max-memory 2GiB", [*tp8pp2, "--max-memory", "2GiB"], heads),
         (ds, "MoE/MLA TP2 EP8, --max-memory 2GiB", moe, ds_heads),
         (ds, "MoE/MLA torch_dist TP2 EP8, --max-memory 2GiB", ["--ckpt-format", "torch_dist", *moe], ds_heads),
+        (ds + "-hf-fp8", "HF FP8 (block scales) torch_dist TP2 EP8, --max-memory 2GiB",
+         ["--ckpt-format", "torch_dist", "--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "8",
+          "--max-memory", "2GiB"], ds_heads),
         ("mid-4L", "TP2 PP1, default budget", ["--target-tensor-parallel-size", "2"], mid_heads),
         ("mid-16L", "TP2 PP1, default budget", ["--target-tensor-parallel-size", "2"], mid_heads),
     ]
@@ -113,6 +129,8 @@ def ensure_input(work: str, name: str, spec) -> str:
     d = os.path.join(work, "inputs", name)
     if isinstance(spec, DistInput):
         stamp, want = os.path.join(d, synth_dist.SPEC_FILE), {"spec": asdict(spec.spec), "tp": spec.tp}
+    elif isinstance(spec, HfFp8Input):
+        stamp, want = os.path.join(d, "synth_spec.json"), {"hf_fp8": asdict(spec.spec)}
     else:
         stamp, want = os.path.join(d, "synth_spec.json"), asdict(spec)
     if os.path.exists(stamp) and json.load(open(stamp)) == json.loads(json.dumps(want)):
@@ -122,6 +140,8 @@ def ensure_input(work: str, name: str, spec) -> str:
     t = time.time()
     if isinstance(spec, DistInput):
         synth_dist.write_distributed(d, spec.spec, spec.tp, quiet=False)
+    elif isinstance(spec, HfFp8Input):
+        synth_hf_fp8.write(d, spec.spec, files=spec.spec.files, quiet=False)
     else:
         synth.write_checkpoint(d, spec, quiet=False)
     print(f"# generated {name} in {time.time() - t:.0f} s", file=sys.stderr)

@@ -679,13 +679,3 @@ def test_hf_mtp_copy_of_another_shape_is_refused(tmp_path):
     line = refusal(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o")])
     assert "model.layers.4.embed_tokens.weight" in line and "embedding.word_embeddings.weight" in line, line
 
-
-def test_fp8_block_quantized_deepseek_is_refused_with_what_to_run(tmp_path):
-    """DeepSeek-V3 as released: F8_E4M3 weights with a weight_scale_inv per 128x128 block."""
-    def quantize(hf):
-        w = hf["model.layers.0.self_attn.kv_b_proj.weight"]
-        hf["model.layers.0.self_attn.kv_b_proj.weight"] = w.to(torch.float8_e4m3fn)
-        hf["model.layers.0.self_attn.kv_b_proj.weight_scale_inv"] = torch.ones(1, 1)
-    hf_dir, _, _ = _hf_mtp_dir(tmp_path, quantize)
-    line = refusal(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o")])
-    assert "weight_scale_inv" in line and "FP8" in line and "fp8_cast_bf16.py" in line, line

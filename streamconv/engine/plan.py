@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from ..core.errors import FlagError, InputError
 from ..core.options import ConvertOptions
+from ..core.shapes import as_matrix
 from ..formats import get_format
 from ..formats.base import PlanInput, RankEntries, StagePlan
 from ..megatron.args import megatron_args
@@ -153,9 +154,8 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     largest_layer = max(_layer_source_bytes(index).values())
     largest_tensor = max(t.nbytes for t in src.values())
     max_row = 0
-    for t in src.values():
-        rows = t.shape[0] if t.shape else 1
-        max_row = max(max_row, t.nbytes // max(rows, 1))
+    for t in src.values():  # a row as read() returns it (an FP8 weight's row comes back as F32)
+        max_row = max(max_row, as_matrix(t.shape)[1] * t.itemsize)
     floor = memory.floor_bytes() if floor is None else floor
     explicit = o.max_memory is not None
     budget = o.max_memory if explicit else memory.default_budget(largest_layer)

@@ -214,7 +214,7 @@ class Streamer:
                     out[i - a:k - a].copy_(t[:, c0:c1])
                 i = k
             self.worker.submit(self._deliver_parts, parts, buf, after=lambda buf=buf: self.pool.put(buf))
-            self._read((b - a) * row_bytes)
+            self._read((b - a) * as_matrix(src.shape)[1] * src.stored_itemsize)
             a = b
         for g in groups:
             self._end(g)
@@ -269,7 +269,7 @@ class Streamer:
             self._fill(src, p.start + i * step, step, j - i, p.col0, p.col1,
                        self._out_view(buf, 0, j - i, p.ncols, out_dtype))
             self._send(writers, buf, (j - i) * out_row)
-            self._read((j - i) * p.ncols * src.itemsize)
+            self._read((j - i) * p.ncols * src.stored_itemsize)
             i = j
 
     def _transposed(self, p, out_dtype, writers) -> None:
@@ -295,7 +295,7 @@ class Streamer:
             while a < p.stop:
                 b = src.block_end(a, min(p.stop, a + per_src))
                 out[:, a - p.start:b - p.start].copy_(self._source(src, a, b, 1, p.col0 + j, p.col0 + k).T)
-                self._read((b - a) * (k - j) * src.itemsize)
+                self._read((b - a) * (k - j) * src.stored_itemsize)
                 a = b
             self._send(writers, buf, (k - j) * out_row)
             j = k

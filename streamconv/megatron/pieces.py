@@ -52,7 +52,7 @@ class Piece:
 
     @property
     def source_bytes(self) -> int:
-        return self.src_rows * self.src_cols * self.src.itemsize
+        return self.src_rows * self.src_cols * self.src.stored_itemsize
 
 
 def merge(pieces: list) -> list:

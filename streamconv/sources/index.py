@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 from ..core.errors import FlagError, InputError
+from .fp8 import BLOCK, attach_scales
 from .header import read_header
 from .locate import locate
 from .mapped import file_identity
@@ -99,6 +100,7 @@ def index_checkpoint(load_path: str, strategy_path: str | None = None, step: int
     used = set()
     unknown = []
     copies = []
+    scales = []
     for path in found.files:
         hdr = read_header(path)
         if str(hdr.metadata.get("remove_redundancy", "")).lower() == "true":
@@ -134,6 +136,10 @@ def index_checkpoint(load_path: str, strategy_path: str | None = None, step: int
                 continue
             if cls.kind is EntryClass.ARTIFACT:
                 skipped.artifacts.append(name)
+                continue
+            if cls.kind is EntryClass.SCALE:
+                scales.append((cls.canonical, SourceTensor(cls.canonical, name, path, info, cls.scheme.name)))
+                used.add(cls.scheme.name)
                 continue
             if cls.kind is EntryClass.COPY:
                 copies.append((name, path, info, cls.canonical))
@@ -172,8 +178,11 @@ def index_checkpoint(load_path: str, strategy_path: str | None = None, step: int
     if not tensors:
         raise InputError(f"{load_path}: holds no model weights (only optimizer or step entries)")
     set_aside_copies(copies, tensors, skipped)
+    tensors = attach_scales(tensors, scales)
     tensors, schemes = settle_schemes(load_path, tensors, used)
-    return SourceIndex(load_path, found.layout, found.files, tensors, skipped, schemes)
+    details = [("fp8", f"{len(scales)} FP8 weights dequantized with their {BLOCK}x{BLOCK} block scales "
+                       "(weight_scale_inv) while read, in F32, then cast to BF16")] if scales else []
+    return SourceIndex(load_path, found.layout, found.files, tensors, skipped, schemes, details=details)
 
 
 def set_aside_copies(copies: list, tensors: dict, skipped: Skipped) -> None:

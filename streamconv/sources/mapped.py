@@ -39,7 +39,7 @@ import numpy as np
 from ..core.errors import InputError
 from ..core.shapes import as_matrix
 
-NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F8_E4M3": np.uint8}  # F8: raw bytes (sources/fp8.py)
 _ALIGN = mmap.PAGESIZE
 
 

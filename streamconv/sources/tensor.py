@@ -44,6 +44,11 @@ class SourceTensor:
         return self.info.itemsize
 
     @property
+    def stored_itemsize(self) -> int:
+        """Bytes per element on disk (what reading costs); ``itemsize`` is per element as read() returns it."""
+        return self.info.itemsize
+
+    @property
     def nbytes(self) -> int:
         return self.info.nbytes
 

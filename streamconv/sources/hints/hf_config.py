@@ -70,6 +70,14 @@ def read(path: str) -> dict:
             return
         out[field] = Hint(transform(v) if transform else v, f"{name} {key}")
 
+    qc = cfg.get("quantization_config")
+    if qc is not None:  # FP8 with 128x128 block scales is read (sources/fp8.py); other schemes store other tensors
+        block = qc.get("weight_block_size") if isinstance(qc, dict) else None
+        if not isinstance(qc, dict) or qc.get("quant_method") != "fp8" or qc.get("fmt", "e4m3") != "e4m3" \
+                or (block is not None and list(block) != [128, 128]):
+            raise InputError(f"{path}: quantization_config {_shown(qc) if isinstance(qc, dict) else qc!r}: streamconv "
+                             "reads unquantized weights, and FP8 e4m3 ones with 128x128 block scales; dequantize "
+                             "this model first")
     theta, theta_key, rs, rs_key = rope(cfg)
     put("rotary_base", theta_key, theta, transform=lambda v: int(v) if float(v).is_integer() else float(v))
     put("max_position_embeddings", "max_position_embeddings", transform=int)

@@ -112,6 +112,10 @@ class CompositeTensor:
         return DTYPE_SIZES[self.dtype]
 
     @property
+    def stored_itemsize(self) -> int:
+        return self.itemsize
+
+    @property
     def nbytes(self) -> int:
         return numel(self.full_shape) * self.itemsize
 

@@ -38,6 +38,7 @@ class EntryClass(Enum):
     BUFFER = "buffer"  # runtime counters saved beside the weights (MoE router load statistics)
     ARTIFACT = "artifact"  # tensors a converter writes that no model has
     COPY = "copy"  # a copy of another weight the model shares (canonical: the weight it copies)
+    SCALE = "scale"  # the block scales of an FP8 weight (canonical: the weight's)
     UNKNOWN = "unknown"
 
 

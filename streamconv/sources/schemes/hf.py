@@ -51,6 +51,7 @@ from dataclasses import replace
 
 from ...core.errors import InputError
 from ...core.options import Fc1Layout, QkvLayout
+from ..fp8 import SCALE_SUFFIX
 from .base import LAYER_INDEX, EntryClass, InputScheme, NameClass, SourceLayouts, layer_key, layer_of
 
 #: per-layer weights streamconv cannot convert from HF names: (pattern on the per-layer suffix, what they are)
@@ -117,6 +118,11 @@ class HuggingFace(InputScheme):
     needs_model_config = True  # Gemma, Mistral, ... use these names with other maths; config.json tells
 
     def canonical(self, name: str) -> NameClass | None:
+        if name.endswith(".weight" + SCALE_SUFFIX):  # an FP8 weight's block scales (sources/fp8.py)
+            of = self.canonical(name[:-len(SCALE_SUFFIX)])
+            if of is not None and of.kind is EntryClass.WEIGHT:
+                return NameClass(EntryClass.SCALE, of.canonical, of.layer, self)
+            return None
         m = self.layer_pattern.fullmatch(name)
         if m and m.group(2) == "self_attn.rotary_emb.inv_freq":
             # a buffer older transformers versions saved: recomputed from rope_theta, not a weight
@@ -163,10 +169,6 @@ class HuggingFace(InputScheme):
         return SourceLayouts(QkvLayout.GROUPED, Fc1Layout.CONCAT)
 
     def refusal(self, name: str) -> str | None:
-        if name.endswith(".weight_scale_inv"):
-            return (f"tensor {name!r} is the block scale of an FP8-quantized weight (DeepSeek-V3's release format); "
-                    "streamconv reads F32/F16/BF16 weights: dequantize to BF16 first (DeepSeek-V3's "
-                    "inference/fp8_cast_bf16.py), then convert that directory")
         m = self.layer_pattern.fullmatch(name)
         if not m:
             return None
