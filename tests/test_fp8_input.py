@@ -163,3 +163,25 @@ def test_other_quantization_configs_are_refused(llama_pair, tmp_path, qc):
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
     line = refusal(["--load-dir", d, "--save-dir", str(tmp_path / "o")])
     assert "config.json" in line and "quantization_config" in line and qc["quant_method"] in line, line
+
+
+def test_negative_control_scales_in_another_block_order_differ(llama_pair, tmp_path):
+    """The comparison above would catch a converter that applied the scales to the wrong blocks: the same
+    model dequantized with each row of block scales reversed converts to other bytes."""
+    from safetensors.torch import load_file
+
+    fp8 = load_file(os.path.join(llama_pair[0], "model.safetensors"))
+    wrong = {}
+    for name, t in fp8.items():
+        if name.endswith("_scale_inv"):
+            continue
+        s = fp8.get(name + "_scale_inv")
+        wrong[name] = t if s is None else dequantized(t, s.flip(1))
+    d = tmp_path / "wrong"
+    d.mkdir()
+    save_file(wrong, str(d / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(os.path.join(llama_pair[1], "config.json"), d / "config.json")
+    convert(["--load-dir", llama_pair[0], "--save-dir", str(tmp_path / "a")])
+    convert(["--load-dir", str(d), "--save-dir", str(tmp_path / "b")])
+    with pytest.raises(AssertionError, match="differs"):
+        same_files(str(tmp_path / "a"), str(tmp_path / "b"))
