@@ -9,6 +9,9 @@ never held in memory, cached between runs) this measures:
 * the same 70B-shaped model as per-rank training output (TP 8 rank files and a
   JSON strategy, written by scripts/synth_dist.py), converted with no merge
   step, against ``cp -r`` of its rank files;
+* the DeepSeek-V3-shaped model under Hugging Face names in FP8 with block
+  scales, as deepseek-ai releases it (scripts/synth_hf_fp8.py), dequantized
+  while it is read;
 
 reporting wall time, peak resident memory of the whole process tree as the
 kernel counts it (``wait4`` ru_maxrss, i.e. VmHWM, file-backed mapped pages
