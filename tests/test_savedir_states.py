@@ -88,7 +88,7 @@ def test_overwrite_over_another_layout_removes_its_rank_files_and_verifies(sourc
     save = tmp_path / "out"
     convert(source, save, TP2)
     assert "iter_0000001/mp_rank_01/model_optim_rng.pt" in tree(str(save))
-    p = convert(source, save, [f for f in PP2 if f != "--quiet"], "--overwrite", "--verify")
+    p = convert(source, save, PP2, "--overwrite", "--verify")  # --quiet: what was deleted is said all the same
     assert tree(str(save)) == pp2_layout()
     said = p.stdout + p.stderr
     assert "iter_0000001/mp_rank_00/model_optim_rng.pt" in said and "iter_0000001/mp_rank_01/model_optim_rng.pt" in said
@@ -127,7 +127,11 @@ def test_overwrite_keeps_what_it_cannot_recognise_and_verify_lists_every_problem
              "iter_0000001/mp_rank_05/model_optim_rng.pt"]}
     p = convert(source, save, PP2, "--overwrite", "--verify", check=False)
     assert p.returncode == 1, p.stdout + p.stderr  # verify found the two kept look-alikes: exit 1 as documented
-    line = one_error_line(p)
+    removed = [x for x in p.stderr.splitlines() if x.startswith("streamconv: --overwrite: removed")]
+    assert any("mp_rank_03" in x for x in removed) and not any("mp_rank_04" in x or "mp_rank_05" in x for x in removed)
+    rest = [x for x in p.stderr.splitlines() if x.strip() and x not in removed]  # --quiet: only the verdict besides
+    assert len(rest) == 1 and rest[0].startswith("streamconv: error:") and "Traceback" not in p.stderr, p.stderr
+    line = rest[0]
     assert "2 problems" in line and "bug" not in line
     mism = [x for x in p.stdout.splitlines() if x.startswith("MISMATCH")]
     assert len(mism) == 2 and any("mp_rank_04" in m for m in mism) and any("mp_rank_05" in m for m in mism), p.stdout
@@ -396,7 +400,7 @@ def test_torch_dist_same_command_twice_does_nothing(source, tmp_path):
 def test_overwrite_torch_dist_with_torch_removes_every_torch_dist_file(source, tmp_path):
     save = tmp_path / "out"
     convert(source, save, [*TP2, *DIST])
-    p = convert(source, save, [f for f in PP2 if f != "--quiet"], "--overwrite", "--verify")
+    p = convert(source, save, PP2, "--overwrite", "--verify")  # --quiet: what was deleted is said all the same
     assert tree(str(save)) == pp2_layout()
     said = p.stdout + p.stderr
     assert "removed" in said and "__0_0.distcp" in said

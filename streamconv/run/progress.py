@@ -7,8 +7,9 @@ tenth of the bytes, so logs hold no carriage-return redraws.
 
 ``quiet`` silences progress and chatter, but never a note that states an
 assumption which can make the output wrong (a note starting with
-:data:`ASSUMED`, such as the fused-weight layouts): those are printed whatever
-the flags. ``silent`` (the library's default, whose caller gets every note in
+:data:`ASSUMED`, such as the fused-weight layouts), nor one that says which
+files of the user's directory ``--overwrite`` removed: those are printed
+whatever the flags. ``silent`` (the library's default, whose caller gets every note in
 the returned summary) prints nothing at all.
 """
 
@@ -24,8 +25,17 @@ from ..core.sizes import human
 ASSUMED = "ASSUMED"
 
 
+#: notes that say what was deleted from the user's directory; --quiet never hides them either
+REMOVED = "--overwrite: removed"
+
+
 def is_assumption(note: str) -> bool:
     return note.startswith(ASSUMED)
+
+
+def always_shown(note: str) -> bool:
+    """An assumption the output depends on, or a deletion the user must hear about."""
+    return note.startswith((ASSUMED, REMOVED))
 
 
 def plural(n: int, word: str) -> str:
@@ -69,7 +79,7 @@ class Progress:
     def note(self, text: str) -> None:
         if self.silent:
             return
-        if not self.quiet or is_assumption(text):
+        if not self.quiet or always_shown(text):
             print(f"streamconv: {text}", file=self.stream, flush=True)
 
     def announce(self, plan) -> None:
