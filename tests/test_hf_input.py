@@ -679,3 +679,23 @@ def test_hf_mtp_copy_of_another_shape_is_refused(tmp_path):
     line = refusal(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o")])
     assert "model.layers.4.embed_tokens.weight" in line and "embedding.word_embeddings.weight" in line, line
 
+
+
+def test_hf_deepseek_saved_without_its_mtp_layer_converts_and_says_so(tmp_path):
+    """transformers leaves model.layers.L out when it saves DeepSeek-V3 but keeps num_nextn_predict_layers."""
+    def drop(hf):
+        for k in [k for k in hf if k.startswith("model.layers.4.")]:
+            del hf[k]
+    hf_dir, _, _ = _hf_mtp_dir(tmp_path, drop)
+    code, out, err = streamconv(["plan", "--load-dir", hf_dir, "--save-dir", str(tmp_path / "o")])
+    assert code == 0, out + err
+    assert "config.json num_nextn_predict_layers 1, but the weights hold no MTP layer" in out, out
+
+
+def test_hf_config_counting_other_mtp_layers_is_refused(tmp_path):
+    hf_dir, _, _ = _hf_mtp_dir(tmp_path)
+    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+    cfg["num_nextn_predict_layers"] = 2
+    json.dump(cfg, open(os.path.join(hf_dir, "config.json"), "w"))
+    line = refusal(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o")])
+    assert "config.json num_nextn_predict_layers 2 contradicts the weights" in line and "1 multi-token" in line, line

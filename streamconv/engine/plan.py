@@ -127,6 +127,7 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
     o.check()
     cfg = resolve_config(index, o)
     settings.check_rope_scaling(o, cfg)
+    input_notes += settings.mtp_note(hints, cfg)
     sizes = ParallelSizes.from_options(o)
     check_model(cfg, sizes)
     check_layers(index, cfg)

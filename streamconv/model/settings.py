@@ -129,6 +129,24 @@ def unsupported(hints: dict) -> str | None:
     return None
 
 
+def mtp_note(hints: dict, cfg) -> list:
+    """The model config's MTP layer count against the weights': refuse a contradiction, say when they are absent.
+
+    transformers does not load DeepSeek's MTP layer and leaves it out when it
+    saves a model, but keeps ``num_nextn_predict_layers`` in config.json: such a
+    model converts without MTP, and the user is told.
+    """
+    declared = hints.get("_mtp_layers")
+    found = len(cfg.mtp_layers)
+    if declared is None or declared.value == found:
+        return []
+    if found:
+        raise InputError(f"{declared.origin} {declared.value} contradicts the weights: they hold {found} "
+                         "multi-token-prediction layer(s); config.json and the weights are not the same model")
+    return [f"{declared.origin} {declared.value}, but the weights hold no MTP layer (transformers leaves it out when "
+            "it saves a model): converted without MTP"]
+
+
 def check_rope_scaling(o, cfg) -> None:
     """Yarn scaling exists in Megatron r0.12 only inside multi-latent attention: refuse it for other models."""
     if cfg.mla is None and (o.rotary_scaling_factor or 1.0) != 1.0:

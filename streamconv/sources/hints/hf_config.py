@@ -144,6 +144,8 @@ def read(path: str) -> dict:
             out["use_rope_scaling"] = Hint(True, f"{name} {rs_key} llama3")
         elif kind not in (None, "default"):
             out["_rope_scaling_unsupported"] = Hint(_shown(rs), f"{name} {rs_key}")
+    if cfg.get("num_nextn_predict_layers"):  # DeepSeek's MTP layers: compared with the weights (settings.mtp_note)
+        out["_mtp_layers"] = Hint(int(cfg["num_nextn_predict_layers"]), f"{name} num_nextn_predict_layers")
     archs = cfg.get("architectures")
     if isinstance(archs, list) and archs:
         out["_architecture"] = Hint(str(archs[0]), f"{name} architectures")
