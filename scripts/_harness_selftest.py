@@ -104,7 +104,7 @@ class GlobalWeights:
 
     def _qkv(self, p, what):
         c = self.cfg
-        n, ng = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+        ng = c.get("num_key_value_heads") or c["num_attention_heads"]
         q, k, v = (self.w[f"{p}self_attn.{x}_proj.{what}"] for x in "qkv")
         tail = q.shape[1:]
         q = q.reshape(ng, -1, *tail)

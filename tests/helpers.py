@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -77,3 +79,58 @@ def tree(root: str) -> list:
         for f in files:
             out.append(os.path.relpath(os.path.join(d, f), root))
     return sorted(out)
+
+
+def file_bytes(root: str) -> dict:
+    """relpath -> contents of every file under ``root`` (outputs are compared byte for byte)."""
+    return {rel: open(os.path.join(root, rel), "rb").read() for rel in tree(root)}
+
+
+def kill_when(proc, condition, timeout: float = 120) -> bool:
+    """SIGKILL ``proc`` as soon as ``condition()`` holds: True; False if it finished first."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if condition():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.002)
+    proc.kill()
+    raise AssertionError("condition never met")
+
+
+# `python -m streamconv ARGV...` once per ARGV inside one interpreter (runpy executes the package's __main__
+# exactly as `-m` does), so importing torch (~3 s) is paid once per batch.
+_BATCH = r"""
+import contextlib, io, json, runpy, sys
+results = []
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["streamconv", *argv]
+    buf, code = io.StringIO(), 0
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            runpy.run_module("streamconv", run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException as e:
+            code, _ = 1, buf.write(repr(e))
+    results.append([code, buf.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def run_cli_batches(jobs: dict) -> dict:
+    """name -> argv: run them all in two interpreters (two cores); name -> (exit code, combined output)."""
+    names = list(jobs)
+    batches = [b for b in (names[0::2], names[1::2]) if b]
+    procs = [subprocess.Popen([sys.executable, "-c", _BATCH, json.dumps([jobs[n] for n in b])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in batches]
+    out = {}
+    for b, p in zip(batches, procs):
+        stdout, stderr = p.communicate()
+        assert p.returncode == 0, f"conversion driver failed:\n{stdout}\n{stderr}"
+        for n, (code, text) in zip(b, json.loads(stdout.strip().splitlines()[-1])):
+            out[n] = (code, text)
+    return out

@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from helpers import DATA, FIXTURES_ROOT
+from helpers import DATA, FIXTURES_ROOT, run_cli_batches
 
 MOE_FIXTURES = os.path.join(FIXTURES_ROOT, "mindformers_moe")
 TRUTH = os.path.join(DATA, "megatron_truth")  # real Megatron r0.12 state-dict dumps (scripts/megatron_truth.py)
@@ -139,40 +137,11 @@ def make_variant(name: str, root: str) -> dict:
                 hf_config=cfg)
 
 
-# ---------------------------------------------------------------------------- running the CLI in batches
-# `python -m streamconv convert ARGV...` once per ARGV inside one interpreter (runpy runs the package's
-# __main__ as -m does), so torch is imported once per batch; two batches for two cores.
-_BATCH = r"""
-import contextlib, io, json, runpy, sys
-results = []
-for argv in json.loads(sys.argv[1]):
-    sys.argv = ["streamconv", *argv]
-    buf, code = io.StringIO(), 0
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        try:
-            runpy.run_module("streamconv", run_name="__main__", alter_sys=True)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException as e:
-            code, _ = 1, buf.write(repr(e))
-    results.append([code, buf.getvalue()])
-print(json.dumps(results))
-"""
-
-
 def convert_all(jobs: dict) -> dict:
     """name -> argv (without the 'convert' word); returns name -> None or the failure text."""
-    names = list(jobs)
-    batches = [b for b in (names[0::2], names[1::2]) if b]
-    procs = [subprocess.Popen([sys.executable, "-c", _BATCH, json.dumps([["convert", *jobs[n]] for n in b])],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in batches]
-    out = {}
-    for b, p in zip(batches, procs):
-        stdout, stderr = p.communicate()
-        assert p.returncode == 0, f"conversion driver failed:\n{stdout}\n{stderr}"
-        for n, (code, text) in zip(b, json.loads(stdout.strip().splitlines()[-1])):
-            out[n] = None if code == 0 else f"streamconv convert {' '.join(jobs[n])} exited {code}:\n{text}"
-    return out
+    done = run_cli_batches({n: ["convert", *argv] for n, argv in jobs.items()})
+    return {n: None if code == 0 else f"streamconv convert {' '.join(jobs[n])} exited {code}:\n{text}"
+            for n, (code, text) in done.items()}
 
 
 # ---------------------------------------------------------------------------- reading rank files

@@ -45,9 +45,9 @@ from streamconv.formats.torch_dist.metadata import (
     check_storage_files,
     metadata_bytes,
     read_metadata,
-    sharded_object_key,
 )
 from streamconv.core.errors import InputError
+from streamconv.megatron.sharded import sharded_object_key
 
 TDTYPE = {"bf16": torch.bfloat16, "f32": torch.float32}
 

@@ -20,7 +20,7 @@ import time
 import pytest
 
 import synth
-from helpers import run_cli, tree
+from helpers import file_bytes, run_cli, tree
 
 SPEC = synth.ModelSpec(layers=8, hidden=512, ffn=1024, heads=8, groups=4, vocab=4000, files=2)
 FLAGS = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "4", "--num-attention-heads", "8",
@@ -39,10 +39,6 @@ def reference(source, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ref") / "out")
     run_cli(["convert", "--load-dir", source, "--save-dir", out, *FLAGS, "--quiet"])
     return {rel: open(os.path.join(out, rel), "rb").read() for rel in tree(out)}
-
-
-def _files(root):
-    return {rel: open(os.path.join(root, rel), "rb").read() for rel in tree(root)}
 
 
 def _temps(save):
@@ -94,7 +90,7 @@ def test_repeated_interrupts_end_once_and_resume(signals, source, reference, tmp
         time.sleep(0.01)
     _interrupted_cleanly(proc, save)
     run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS, "--resume", "--quiet"])
-    assert _files(save) == reference
+    assert file_bytes(save) == reference
 
 
 def test_interrupts_during_the_shutdown_itself(source, reference, tmp_path):
@@ -111,7 +107,7 @@ def test_interrupts_during_the_shutdown_itself(source, reference, tmp_path):
         time.sleep(0.002)
     _interrupted_cleanly(proc, save)
     run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS, "--resume", "--quiet"])
-    assert _files(save) == reference
+    assert file_bytes(save) == reference
 
 
 def test_interrupt_message_counts_the_finished_files_resume_keeps(source, reference, tmp_path):
@@ -129,4 +125,4 @@ def test_interrupt_message_counts_the_finished_files_resume_keeps(source, refere
              "--json-summary", str(summary)])
     s = json.load(open(summary))
     assert len(s["files_kept"]) == k and len(s["files_written"]) == n - k
-    assert _files(save) == reference
+    assert file_bytes(save) == reference

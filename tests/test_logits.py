@@ -26,10 +26,8 @@ shows the comparison can fail.
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -39,6 +37,8 @@ from safetensors import safe_open
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 from synth import ModelSpec, write_checkpoint  # noqa: E402
+
+from helpers import run_cli_batches  # noqa: E402
 
 EPS = 1e-5
 ROPE_BASE = 10000.0
@@ -100,26 +100,6 @@ def _argv(case: dict, src: str, dst: str, layout_flags: list | None = None) -> l
     return argv
 
 
-# Runs `python -m streamconv convert ARGV...` once per ARGV inside one interpreter (runpy executes
-# the package's __main__ exactly as `-m` does), so importing torch (~3 s) is paid once per batch.
-_BATCH = r"""
-import contextlib, io, json, runpy, sys
-results = []
-for argv in json.loads(sys.argv[1]):
-    sys.argv = ["streamconv", *argv]
-    buf, code = io.StringIO(), 0
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        try:
-            runpy.run_module("streamconv", run_name="__main__", alter_sys=True)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException as e:
-            code, _ = 1, buf.write(repr(e))
-    results.append([code, buf.getvalue()])
-print(json.dumps(results))
-"""
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """Write every source checkpoint and convert it with the CLI; name -> (src, out, error or None)."""
@@ -132,17 +112,10 @@ def converted(tmp_path_factory):
     for name, (base, flags) in WRONG.items():
         src, out = jobs[base][0], str(root / name / "out")
         jobs[name] = (src, out, ["convert", *_argv(CASES[base], src, out, flags)])
-    names = list(jobs)
-    batches = [names[0::2], names[1::2]]  # two processes for two cores
-    procs = [subprocess.Popen([sys.executable, "-c", _BATCH, json.dumps([jobs[n][2] for n in b])],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in batches]
     result = {}
-    for b, p in zip(batches, procs):
-        stdout, stderr = p.communicate()
-        assert p.returncode == 0, f"conversion driver failed:\n{stdout}\n{stderr}"
-        for n, (code, text) in zip(b, json.loads(stdout.strip().splitlines()[-1])):
-            src, out, argv = jobs[n]
-            result[n] = (src, out, None if code == 0 else f"streamconv {' '.join(argv)} exited {code}:\n{text}")
+    for n, (code, text) in run_cli_batches({n: argv for n, (_, _, argv) in jobs.items()}).items():
+        src, out, argv = jobs[n]
+        result[n] = (src, out, None if code == 0 else f"streamconv {' '.join(argv)} exited {code}:\n{text}")
     return result
 
 

@@ -218,7 +218,7 @@ def expected_file(case: dict, m: dict, hf: dict, cfg: dict, tp: int, pp: int, ep
     TP, EP = case["tp"], case["ep"]
     ETP = case.get("etp", TP)
     grouped = case.get("grouped", False)
-    H, E = m["H"], m["E"]
+    E = m["E"]
     mla = "q_lora" in m
     n_layers = cfg["num_hidden_layers"]
     dense = set(cfg.get("mlp_only_layers", [])) | set(range(cfg.get("first_k_dense_replace", 0)))

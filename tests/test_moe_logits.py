@@ -137,7 +137,6 @@ def hf_logits(hf: dict, cfg: dict, tokens) -> torch.Tensor:
     w = {k: (v.float() if k.endswith("e_score_correction_bias") else bf16(v)) for k, v in hf.items()}
     eps = cfg["rms_norm_eps"]
     ds = cfg["model_type"] == "deepseek_v3"
-    n = len(tokens)
     x = w["model.embed_tokens.weight"][tokens]
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -320,7 +319,6 @@ def megatron_logits(ck: MegatronCheckpoint, tokens) -> torch.Tensor:
     freq = a.moe_layer_freq
     pattern = [1 if i % freq == 0 else 0 for i in range(a.num_layers)] if isinstance(freq, int) else list(freq)
     assert len(pattern) == a.num_layers
-    n = len(tokens)
 
     # VocabParallelEmbedding: TP rank r owns rows [r V/tp, (r+1) V/tp); partial lookups summed
     x, lo = 0, 0

@@ -41,7 +41,7 @@ from streamconv import ConvertOptions, build_plan, convert
 from streamconv.engine import memory
 from streamconv.formats import FORMATS
 from streamconv.sources.header import read_header
-from streamconv.sources.mapped import MappedFiles
+from streamconv.sources.mapped import SourceFiles
 from streamconv.sources.msdist.composite import CompositeTensor, Slice
 
 DIST = os.path.join(FIXTURES_ROOT, "mindspore_dist")
@@ -337,7 +337,7 @@ def test_composite_reads_equal_numpy(tmp_path, shape, cuts, dtype):
     rows = shape[0]
     cols = int(np.prod(shape[1:]))
     mat = full.reshape(rows, cols)
-    files = MappedFiles()
+    files = SourceFiles()
     rng = np.random.default_rng(0)
     requests = [(0, rows, 1, 0, cols)] + [
         tuple(int(x) for x in (a, b, st, c0, c1))
@@ -365,7 +365,7 @@ def test_composite_spans_and_one_slice_views(tmp_path):
     assert [p for p, _, _ in t.spans(0, 5)] == [str(tmp_path / "r0.safetensors"), str(tmp_path / "r1.safetensors")]
     # the stream ends a block at the slice edge (row 5), so each block is one slice's rows
     assert (t.block_end(3, 9), t.block_end(5, 9), t.block_end(0, 5), t.block_end(6, 12)) == (5, 9, 5, 12)
-    files = MappedFiles()
+    files = SourceFiles()
     view = t.read(files, 1, 4, 1, 5, 9)  # inside the slice of rows 0..5, columns 4..10
     assert np.array_equal(view, full[1:4, 5:9]) and not view.flags.owndata
     assert files._scratch is None  # no assembly was needed

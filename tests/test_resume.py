@@ -17,7 +17,7 @@ import time
 import pytest
 
 import synth
-from helpers import STATED_SETTINGS, run_cli, tree
+from helpers import STATED_SETTINGS, file_bytes, kill_when, run_cli, tree
 
 SPEC = synth.ModelSpec(layers=8, hidden=512, ffn=1024, heads=8, groups=4, vocab=4000, files=3)
 # the layouts and the args values are stated, so --quiet prints nothing but errors (an assumption would be printed)
@@ -40,10 +40,6 @@ def reference(source, tmp_path_factory):
     return out
 
 
-def _files(root):
-    return {rel: open(os.path.join(root, rel), "rb").read() for rel in tree(root)}
-
-
 def _input_state(src):
     return {rel: (os.path.getsize(os.path.join(src, rel)), os.path.getmtime(os.path.join(src, rel))) for rel in tree(src)}
 
@@ -52,20 +48,6 @@ def _start(source, save, extra=()):
     return subprocess.Popen([sys.executable, "-m", "streamconv", "convert", "--load-dir", source,
                              "--save-dir", save, *FLAGS, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def _kill_when(proc, condition, timeout=120):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if condition():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.002)
-    proc.kill()
-    raise AssertionError("condition never met")
 
 
 def _done_records(save):
@@ -102,21 +84,21 @@ def test_kill9_then_resume_gives_identical_output(point, source, reference, tmp_
         "after_three_stages": lambda: _done_count(save) >= 6,
     }[point]
     proc = _start(source, save)
-    assert _kill_when(proc, cond), "conversion finished before it could be killed"
+    assert kill_when(proc, cond), "conversion finished before it could be killed"
     # killed: never looks complete
     assert not os.path.exists(os.path.join(save, "latest_checkpointed_iteration.txt"))
     # the same command without --resume refuses and says what to do
     p = run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS], check=False)
     assert p.returncode == 2 and "--resume" in p.stderr and "Traceback" not in p.stderr
     p = run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS, "--resume"])
-    assert _files(save) == _files(reference)
+    assert file_bytes(save) == file_bytes(reference)
     assert _input_state(source) == before
 
 
 def test_resume_with_different_flags_is_refused(source, tmp_path):
     save = str(tmp_path / "out")
     proc = _start(source, save)
-    assert _kill_when(proc, lambda: _done_count(save) >= 2)
+    assert kill_when(proc, lambda: _done_count(save) >= 2)
     other = [f if f != "4" else "2" for f in FLAGS]  # PP 2 instead of 4
     p = run_cli(["convert", "--load-dir", source, "--save-dir", save, *other, "--resume"], check=False)
     assert p.returncode == 2
@@ -126,7 +108,7 @@ def test_resume_with_different_flags_is_refused(source, tmp_path):
 def test_damaged_finished_file_is_redone_on_resume(source, reference, tmp_path):
     save = str(tmp_path / "out")
     proc = _start(source, save)
-    assert _kill_when(proc, lambda: _done_count(save) >= 2)
+    assert kill_when(proc, lambda: _done_count(save) >= 2)
     done = _done_records(save)
     victim = os.path.join(save, sorted(done)[0])
     with open(victim, "r+b") as f:  # flip one byte in the middle of the tensor data
@@ -136,7 +118,7 @@ def test_damaged_finished_file_is_redone_on_resume(source, reference, tmp_path):
         f.write(bytes([b[0] ^ 0xFF]))
     p = run_cli(["convert", "--load-dir", source, "--save-dir", save, *[f for f in FLAGS if f != "--quiet"], "--resume"])
     assert "damaged" in p.stderr or "rewriting" in p.stderr
-    assert _files(save) == _files(reference)
+    assert file_bytes(save) == file_bytes(reference)
 
 
 def _limit_file_size(nbytes):
@@ -157,7 +139,7 @@ def test_file_size_limit_fails_cleanly_and_resume_finishes(source, reference, tm
     assert not os.path.exists(os.path.join(save, "latest_checkpointed_iteration.txt"))
     assert not _any_temp(save), "the failed temp file must be removed"
     run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS, "--resume"])
-    assert _files(save) == _files(reference)
+    assert file_bytes(save) == file_bytes(reference)
 
 
 def test_success_leaves_only_megatron_layout(reference):
@@ -177,9 +159,9 @@ def test_overwrite_keeps_foreign_files(source, reference, tmp_path):
     assert tree(str(save)) == ["notes.txt"]
     run_cli(["convert", "--load-dir", source, "--save-dir", str(save), *FLAGS, "--overwrite"])
     assert (save / "notes.txt").read_text() == "mine"
-    got = _files(str(save))
+    got = file_bytes(str(save))
     got.pop("notes.txt")
-    assert got == _files(reference)
+    assert got == file_bytes(reference)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -199,7 +181,7 @@ def test_interrupt_exits_130_cleanly_and_resume_finishes(sig, source, reference,
     assert not os.path.exists(os.path.join(save, "latest_checkpointed_iteration.txt"))
     assert not _any_temp(save)
     run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS, "--resume"])
-    assert _files(save) == _files(reference)
+    assert file_bytes(save) == file_bytes(reference)
 
 
 def test_killed_before_the_first_manifest_resumes(source, reference, tmp_path):
@@ -210,7 +192,7 @@ def test_killed_before_the_first_manifest_resumes(source, reference, tmp_path):
     p = run_cli(["convert", "--load-dir", source, "--save-dir", str(save), *FLAGS], check=False)
     assert p.returncode == 2 and "--resume" in p.stderr
     run_cli(["convert", "--load-dir", source, "--save-dir", str(save), *FLAGS, "--resume"])
-    assert _files(str(save)) == _files(reference)
+    assert file_bytes(str(save)) == file_bytes(reference)
 
 
 def test_killed_between_tracker_and_manifest_removal(source, reference, tmp_path):
@@ -242,7 +224,7 @@ def test_killed_between_tracker_and_manifest_removal(source, reference, tmp_path
     p = run_cli([*argv, "--resume", "--json-summary", str(tmp_path / "s.json")])
     s = json.load(open(tmp_path / "s.json"))
     assert s["files_written"] == [] and len(s["files_kept"]) == 8
-    assert _files(save) == _files(reference)
+    assert file_bytes(save) == file_bytes(reference)
 
 
 @pytest.fixture
@@ -283,4 +265,4 @@ def test_disk_full_fails_cleanly_and_resume_finishes(source, reference, small_tm
     assert not _any_temp(save)
     os.remove(filler)
     run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS, "--resume"])
-    assert _files(save) == _files(reference)
+    assert file_bytes(save) == file_bytes(reference)

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 import synth
-from helpers import GOLDEN, REPO, golden_cases, official_argv, tree
+from helpers import REPO, file_bytes, golden_cases, kill_when, official_argv, tree
 from streamconv.cli import main as cli_main
 
 ITER = "iter_0000001"
@@ -558,31 +558,10 @@ def resume_reference(resume_source, tmp_path_factory):
     return out
 
 
-def _bytes_of(root):
-    return {rel: open(os.path.join(root, rel), "rb").read() for rel in tree(root)}
-
-
 def _start(source, save, extra=()):
     return subprocess.Popen([sys.executable, "-m", "streamconv", "convert", "--load-dir", source, "--save-dir", save,
                              *RESUME_FLAGS, *SUBPROCESS_BUDGET, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(os.environ, PYTHONPATH=REPO))
-
-
-def _kill_when(proc, condition, timeout=120):
-    import signal
-    import time
-
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if condition():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.002)
-    proc.kill()
-    raise AssertionError("condition never met")
 
 
 def _done(save):
@@ -600,14 +579,14 @@ def test_kill_then_resume_is_byte_identical(when, resume_source, resume_referenc
     save = str(tmp_path / "out")
     cond = (lambda: _partial(save)) if when == "mid_file" else (lambda: _done(save) >= 2)
     p = _start(resume_source, save)
-    if not _kill_when(p, cond):
+    if not kill_when(p, cond):
         pytest.skip("the run finished before the kill point")
     files = tree(save)
     assert "latest_checkpointed_iteration.txt" not in files
     assert f"{ITER}/metadata.json" not in files and f"{ITER}/.metadata" not in files
     assert cli_main(["convert", "--load-dir", resume_source, "--save-dir", save, *RESUME_FLAGS]) == 2  # needs --resume
     convert(["--load-dir", resume_source, "--save-dir", save, *RESUME_FLAGS, "--resume"])
-    assert _bytes_of(save) == _bytes_of(resume_reference)
+    assert file_bytes(save) == file_bytes(resume_reference)
 
 
 def test_two_torchrun_workers_write_what_one_process_writes(resume_source, resume_reference, tmp_path):
@@ -619,19 +598,19 @@ def test_two_torchrun_workers_write_what_one_process_writes(resume_source, resum
                         *SUBPROCESS_BUDGET], capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
                        env=dict(os.environ, PYTHONPATH=REPO))
     assert p.returncode == 0, p.stderr[-2000:]
-    assert _bytes_of(save) == _bytes_of(resume_reference)
+    assert file_bytes(save) == file_bytes(resume_reference)
 
 
 def test_rerun_is_byte_identical(resume_source, resume_reference, tmp_path):
     save = str(tmp_path / "again")
     convert(["--load-dir", resume_source, "--save-dir", save, *RESUME_FLAGS])
-    assert _bytes_of(save) == _bytes_of(resume_reference)
+    assert file_bytes(save) == file_bytes(resume_reference)
 
 
 def test_resume_rewrites_a_damaged_finished_file(resume_source, resume_reference, tmp_path):
     save = str(tmp_path / "out")
     p = _start(resume_source, save)
-    if not _kill_when(p, lambda: _done(save) >= 3):
+    if not kill_when(p, lambda: _done(save) >= 3):
         pytest.skip("the run finished before the kill point")
     done = [f for f in tree(save) if f.endswith(".distcp")]
     victim = os.path.join(save, done[0])
@@ -641,7 +620,7 @@ def test_resume_rewrites_a_damaged_finished_file(resume_source, resume_reference
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))
     convert(["--load-dir", resume_source, "--save-dir", save, *RESUME_FLAGS, "--resume"])
-    assert _bytes_of(save) == _bytes_of(resume_reference)
+    assert file_bytes(save) == file_bytes(resume_reference)
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 import synth
-from helpers import run_cli, tree
+from helpers import file_bytes, run_cli, tree
 
 SPEC = synth.ModelSpec(layers=8, hidden=512, ffn=1024, heads=8, groups=4, vocab=4000, files=3)
 FLAGS = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "4", "--num-attention-heads", "8",
@@ -49,10 +49,6 @@ def reference(source, tmp_path_factory):
     return out
 
 
-def _files(root):
-    return {rel: open(os.path.join(root, rel), "rb").read() for rel in tree(root)}
-
-
 def _torchrun(launch: list, source: str, save: str, extra=(), **kw) -> subprocess.Popen:
     cmd = [*TORCHRUN, *launch, "-m", "streamconv", "convert", "--load-dir", source, "--save-dir", save, *FLAGS,
            *extra]
@@ -70,7 +66,7 @@ def test_two_processes_on_one_host_write_what_one_process_writes(source, referen
     rc, out, err = _finish(_torchrun(["--standalone", "--nproc-per-node", "2"], source, save,
                                      ["--json-summary", str(tmp_path / "s.json")]))
     assert rc == 0, err[-2000:]
-    assert _files(save) == _files(reference)
+    assert file_bytes(save) == file_bytes(reference)
     s = json.load(open(tmp_path / "s.json"))
     assert s["workers"] == 2 and len(s["per_worker"]) == 2
     assert sorted(w["files"] for w in s["per_worker"]) == [4, 4]  # 8 equal files dealt by bytes
@@ -87,7 +83,7 @@ def test_two_nodes_on_localhost_share_one_rendezvous(source, reference, tmp_path
     b = _torchrun(launch, source, save, ["--quiet"])
     ra, rb = _finish(a), _finish(b)
     assert ra[0] == 0 and rb[0] == 0, (ra[2][-2000:], rb[2][-2000:])
-    assert _files(save) == _files(reference)
+    assert file_bytes(save) == file_bytes(reference)
 
 
 def _done_count(save: str) -> int:
@@ -120,7 +116,7 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_the_output_is_identical(so
     assert _kill_worker(p, save, "1"), "the conversion finished before a worker could be killed"
     rc, out, err = _finish(p)
     assert rc == 0, err[-3000:]
-    assert _files(save) == _files(reference)
+    assert file_bytes(save) == file_bytes(reference)
     s = json.load(open(tmp_path / "s.json"))
     assert s["files_kept"], "the restart should keep the files finished before the kill"
     assert len(s["files_kept"]) + len(s["files_written"]) == 8
@@ -135,7 +131,7 @@ def test_a_killed_run_is_finished_by_resume(source, reference, tmp_path):
     assert not os.path.exists(os.path.join(save, "latest_checkpointed_iteration.txt"))
     # the same command in one process (or again under torchrun) with --resume finishes it
     run_cli(["convert", "--load-dir", source, "--save-dir", save, *FLAGS, "--resume", "--quiet"])
-    assert _files(save) == _files(reference)
+    assert file_bytes(save) == file_bytes(reference)
 
 
 def test_a_worker_that_cannot_reach_the_rendezvous_ends_with_one_line(source, tmp_path):

@@ -104,22 +104,13 @@ def checkpoint() -> None:
         raise KeyboardInterrupt
 
 
-def interrupted() -> bool:
-    """Whether an interrupt has been raised under the current guard."""
-    return _State.interrupted
-
-
 @contextlib.contextmanager
 def deferred():
     """A section an interrupt must not cut: one arriving inside is raised when the section ends."""
     _State.deferring += 1
     try:
         yield
-    except BaseException:
+    finally:  # the section's own failure, if any, is what the caller sees: checkpoint() is not reached then
         _State.deferring -= 1
-        raise  # the section's own failure is what the caller must see
-    _State.deferring -= 1
-    if not _State.deferring and _State.pending and not _State.interrupted:
-        _State.pending = False
-        _State.interrupted = True
-        raise KeyboardInterrupt
+    if not _State.deferring:
+        checkpoint()

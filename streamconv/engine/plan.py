@@ -120,9 +120,6 @@ def build_plan(o: ConvertOptions, floor: int | None = None, on_source=None) -> P
         for name in drop:
             del index.tensors[name]
     hints = read_hints(config_file) if config_file else {}
-    problem = settings.unsupported(hints)
-    if problem:
-        raise InputError(problem)
     settings.apply(o, hints)
     o.check()
     cfg = resolve_config(index, o)

@@ -26,21 +26,20 @@ from .pieces import Ref
 
 
 class LayerBuilder:
-    """Entries of one source layer, written as layer ``i_out`` of its PP stage.
+    """Entries of one transformer layer (``spec``): source names under ``src_prefix``, keys under ``out_prefix``.
 
-    ``spec``/``src_prefix``/``out_prefix`` address an MTP layer's transformer layer instead.
+    A decoder layer is ``decoder.layers.<i>.`` in the input and ``decoder.layers.<j>.`` (its index in the PP
+    stage) in the output; an MTP layer's transformer layer is ``mtp.layers.<k>.transformer_layer.`` on both.
     """
 
-    def __init__(self, cfg, src: dict, i_src: int, i_out: int, impl: str, layouts: SourceLayouts,
-                 spec=None, src_prefix: str | None = None, out_prefix: str | None = None):
-        self.cfg, self.src, self.i_src, self.i_out = cfg, src, i_src, i_out
+    def __init__(self, cfg, src: dict, spec, src_prefix: str, out_prefix: str, impl: str, layouts: SourceLayouts,
+                 ep: int = 1, grouped_gemm: bool = False):
+        self.cfg, self.src, self.spec = cfg, src, spec
+        self.src_prefix, self.out_prefix = src_prefix, out_prefix
         self.te = impl == TransformerImpl.TRANSFORMER_ENGINE
         self.layouts = layouts
-        self.spec = spec if spec is not None else cfg.layers[i_src]
         self.nb = cfg.norm_has_bias
-        self.src_prefix = src_prefix if src_prefix is not None else layer_key(i_src, "")
-        self.out_prefix = out_prefix if out_prefix is not None else layer_key(i_out, "")
-        self.grouped_gemm = False
+        self.ep, self.grouped_gemm = ep, grouped_gemm
 
     def S(self, suffix):  # noqa: N802 - source tensor of this layer
         return self.src[self.src_prefix + suffix]
@@ -85,16 +84,14 @@ class LayerBuilder:
         return R.QkvFused(self.S(f"self_attention.linear_qkv.{part}"), a.num_heads, a.num_query_groups,
                           a.head_dim, self.layouts.qkv)
 
-    def fc1_rule(self, part):
-        m = self.spec.mlp
+    def fc1_rule(self, part, prefix="mlp", m=None):
+        """The fc1 of the dense MLP, or of the MLP at ``prefix`` with config ``m`` (MoE shared experts)."""
+        m = m if m is not None else self.spec.mlp
         if m.split:  # gate / up stored separately
-            return R.GatedParts(self.S(f"mlp.linear_fc1_gate.{part}"), self.S(f"mlp.linear_fc1_up.{part}"), m.ffn)
-        t = self.S(f"mlp.linear_fc1.{part}")
+            return R.GatedParts(self.S(f"{prefix}.linear_fc1_gate.{part}"), self.S(f"{prefix}.linear_fc1_up.{part}"),
+                                m.ffn)
+        t = self.S(f"{prefix}.linear_fc1.{part}")  # a gated one follows --fc1-layout (mindformers interleaves it)
         return R.GatedFused(t, m.ffn, self.layouts.fc1) if m.gated else R.Chunk(t)
-
-    def te_norm(self, module):
-        """A Transformer Engine norm of its own (TENorm): weight (+ bias) and its _extra_state."""
-        return self.norm(module, te_extra=True)
 
     def attention(self) -> list:
         a = self.spec.attention
@@ -135,8 +132,7 @@ class LayerBuilder:
             ents = []
             if norm_module is not None and self.te and a.layernorms:  # TELayerNormColumnParallelLinear
                 ents += self.norm(norm_module, out_module=module)
-            ents.append(tensor(self.K(f"{module}.weight"), R.Chunk(source), 2))
-            return ents + [self.extra_state(module)]
+            return ents + self.column_parallel(module, lambda _: R.Chunk(source), False)
 
         if a.q_lora_rank is None:
             out += linear("self_attention.linear_q_proj", q_up)
@@ -154,12 +150,12 @@ class LayerBuilder:
     def moe_mlp(self) -> list:
         """Router, routed experts (EP picks them, ETP splits each), shared experts (TP) — FORMAT.md §6."""
         m = self.spec.mlp
-        out = self.te_norm("pre_mlp_layernorm") if self.te else self.norm("pre_mlp_layernorm")
+        out = self.norm("pre_mlp_layernorm", te_extra=self.te)  # a TENorm of its own under the TE spec
         out.append(tensor(self.K("mlp.router.weight"), R.Whole(self.S("mlp.router.weight")), 2))
         if m.expert_bias:  # Megatron keeps the score-correction bias in fp32
             out.append(tensor(self.K("mlp.router.expert_bias"), R.Whole(self.S("mlp.router.expert_bias")), 1,
                               OutDtype.F32))
-        local = m.num_experts // self.cfg_ep
+        local = m.num_experts // self.ep
         if m.storage is ExpertStorage.STACKED_TRANSPOSED:
             w1 = reshaped_weight1(self.S("mlp.experts.weight1"), m, self.cfg.hidden_size)
             w2 = self.S("mlp.experts.weight2")
@@ -183,13 +179,8 @@ class LayerBuilder:
                 out += [tensor(self.K(f"{e}.linear_fc1.weight"), fc1[i], 2), self.extra_state(f"{e}.linear_fc1"),
                         tensor(self.K(f"{e}.linear_fc2.weight"), fc2[i], 2), self.extra_state(f"{e}.linear_fc2")]
         if m.shared is not None:
-            sh = "mlp.shared_experts"
-            if m.shared.split:
-                fc1_rule = R.GatedParts(self.S(f"{sh}.linear_fc1_gate.weight"), self.S(f"{sh}.linear_fc1_up.weight"),
-                                        m.shared.ffn)
-            else:  # stored like a dense fc1: --fc1-layout applies (mindformers interleaves it by default)
-                fc1_rule = R.GatedFused(self.S(f"{sh}.linear_fc1.weight"), m.shared.ffn, self.layouts.fc1)
-            out += [tensor(self.K(f"{sh}.linear_fc1.weight"), fc1_rule, 2), self.extra_state(f"{sh}.linear_fc1")]
+            sh = "mlp.shared_experts"  # stored like a dense gated MLP, bias-free
+            out += self.column_parallel(f"{sh}.linear_fc1", lambda part: self.fc1_rule(part, sh, m.shared), False)
             out += self.row_parallel(f"{sh}.linear_fc2", False)
         return out
 
@@ -211,7 +202,7 @@ class LayerBuilder:
         out = []
         if self.spec.attention.kind is AttentionKind.MLA:
             # MLA keeps its input norm (a TENorm of its own under the TE spec)
-            out += self.te_norm("input_layernorm") if self.te else self.norm("input_layernorm")
+            out += self.norm("input_layernorm", te_extra=self.te)
         elif self.te:
             out.append(fixed_bytes(self.K("self_attention.core_attention._extra_state"), TE_MODULE_EXTRA_STATE))
         else:
@@ -227,17 +218,15 @@ def stage_entries(cfg, src: dict, stage: int, sizes, impl: str, layouts: SourceL
     vocab_rule = R.VocabChunk(src["embedding.word_embeddings.weight"], cfg.padded_vocab_size)
     te = impl == TransformerImpl.TRANSFORMER_ENGINE
 
-    def builder(i, j, **kw):
-        b = LayerBuilder(cfg, src, i, j, impl, layouts, **kw)
-        b.cfg_ep, b.grouped_gemm = sizes.ep, grouped_gemm
-        return b
+    def builder(spec, src_prefix, out_prefix):
+        return LayerBuilder(cfg, src, spec, src_prefix, out_prefix, impl, layouts, sizes.ep, grouped_gemm)
 
     out: list = []
     # with MTP layers the last stage needs the embeddings too (Megatron builds them there)
     if first or (last and cfg.mtp_layers):
         out.append(tensor("embedding.word_embeddings.weight", vocab_rule, 2))
     for j, i in enumerate(sizes.stage_layers(cfg.num_layers, stage)):
-        out += builder(i, j).entries()
+        out += builder(cfg.layers[i], layer_key(i, ""), layer_key(j, "")).entries()
     if last:
         out.append(tensor("decoder.final_layernorm.weight", R.Whole(src["decoder.final_layernorm.weight"]), 1))
         if cfg.norm_has_bias:
@@ -246,7 +235,7 @@ def stage_entries(cfg, src: dict, stage: int, sizes, impl: str, layouts: SourceL
             # the dense spec's final norm is a TE norm wherever TE is installed (FORMAT.md §2); the MoE block
             # spec's local final norm has no extra state (§6)
             out.append(fixed_bytes("decoder.final_layernorm._extra_state", TE_NORM_EXTRA_STATE))
-        out += mtp_entries(cfg, src, builder, te)
+        out += mtp_entries(cfg, builder, te)
         if not cfg.tied:
             out.append(tensor("output_layer.weight", R.VocabChunk(src["output_layer.weight"], cfg.padded_vocab_size), 2))
         elif pp_size > 1 and not cfg.mtp_layers:
@@ -257,20 +246,15 @@ def stage_entries(cfg, src: dict, stage: int, sizes, impl: str, layouts: SourceL
     return out
 
 
-def mtp_entries(cfg, src: dict, builder, te: bool) -> list:
+def mtp_entries(cfg, builder, te: bool) -> list:
     """Multi-token-prediction layers (last stage): enorm, hnorm, eh_proj [H/TP, 2H], a layer, final norm."""
     out = []
     for k, spec in enumerate(cfg.mtp_layers):
         p = f"mtp.layers.{k}."
-
-        def norm(name):
-            ents = [tensor(p + f"{name}.weight", R.Whole(src[p + f"{name}.weight"]), 1)]
-            return ents + ([fixed_bytes(p + f"{name}._extra_state", TE_NORM_EXTRA_STATE)] if te else [])
-
-        out += norm("enorm") + norm("hnorm")
-        out.append(tensor(p + "eh_proj.weight", R.Chunk(src[p + "eh_proj.weight"]), 2))
-        out.append(fixed_bytes(p + "eh_proj._extra_state", TE_MODULE_EXTRA_STATE) if te else none(p + "eh_proj._extra_state"))
-        out += builder(cfg.num_layers, 0, spec=spec, src_prefix=p + "transformer_layer.",
-                       out_prefix=p + "transformer_layer.").entries()
-        out += norm("final_layernorm")
+        own = builder(spec, p, p)  # the MTP layer's own norms and eh_proj
+        out += own.norm("enorm", te_extra=te) + own.norm("hnorm", te_extra=te)
+        out.append(tensor(own.K("eh_proj.weight"), R.Chunk(own.S("eh_proj.weight")), 2))
+        out.append(own.extra_state("eh_proj"))
+        out += builder(spec, p + "transformer_layer.", p + "transformer_layer.").entries()
+        out += own.norm("final_layernorm", te_extra=te)
     return out

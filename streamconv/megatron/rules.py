@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ..core.options import Fc1Layout, QkvLayout
 from ..sources.tensor import SourceTensor
 from .parallel import Axis, Rank
-from .pieces import Piece, Ref, merge
+from .pieces import Ref, merge
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from ..core.errors import InputError
-from ..sources.schemes import layer_of
+from ..sources.schemes import layer_indices, layer_of
 from . import attention, mla, mlp, moe, norms
 from .config import AttentionKind, LayerSpec, MlpKind, ModelConfig
 from .tensors import LayerTensors, Tensors, check_flag
@@ -24,7 +24,7 @@ _MTP_RE = re.compile(r"mtp\.layers\.(\d+)\.")
 
 def count(t: Tensors, o, notes: list) -> int:
     """Number of layers (indices must be 0..L-1)."""
-    layers = sorted({i for i in (layer_of(k) for k in t.all) if i is not None})
+    layers = layer_indices(t.all)
     if not layers:
         raise InputError(f"{t.index.load_path}: no transformer layers (decoder.layers.N.* / model.layers.N.*) found")
     n = len(layers)
@@ -98,7 +98,7 @@ def mtp_shapes(h: int) -> dict:
 
 
 def _check_layer(t: Tensors, lt: LayerTensors, want: dict, ref: LayerTensors, expected_names: set) -> None:
-    like = "like layer 0" if ref.prefix is None and ref.i == 0 else f"like {ref.label}"
+    like = f"like {ref.label}"
     for suffix, shape in want.items():
         name = lt.key(suffix)
         expected_names.add(name)

@@ -20,7 +20,6 @@ from ..sources.header import FLOAT_WEIGHT_DTYPES
 from . import attention, layers, mlp, norms, vocab
 from .config import AttentionKind, LayerSpec, MlpKind, ModelConfig
 from .tensors import Tensors
-from .vocab import padded_vocab  # noqa: F401  (re-exported: Megatron's padding rule)
 
 
 def resolve_config(index, o: ConvertOptions) -> ModelConfig:

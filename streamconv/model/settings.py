@@ -50,9 +50,6 @@ SETTINGS = (
 UNREAD_BY_MEGATRON = ("norm_epsilon", "use_rope_scaling")
 #: source layouts of fused mindformers tensors: flag, else a mindformers YAML, else mindformers' defaults
 LAYOUT_DEFAULTS = {"fc1_layout": "interleaved", "qkv_layout": "grouped"}
-#: model dimensions a config may carry: used like flags, checked against the shapes
-DIMENSIONS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-              "untie_embeddings_and_output_weights")
 
 
 def apply(o, hints: dict) -> None:
@@ -117,16 +114,6 @@ def notes(o, cfg) -> list:
                                                                                    else "")
                    + " (pass the flag if your model differs): " + ", ".join(megatron_defaults))
     return out
-
-
-def unsupported(hints: dict) -> str | None:
-    """A hint that names something Megatron r0.12 cannot express for these models, as a message."""
-    rs = hints.get("_rope_scaling_unsupported")
-    if rs is not None:
-        return (f"{rs.origin} {rs.value} is not supported: Megatron r0.12 takes only yarn rope scaling (multi-latent "
-                "attention) and Llama 3.1's (rope_type llama3, factor 8, low_freq_factor 1, high_freq_factor 4, "
-                "original_max_position_embeddings 8192)")
-    return None
 
 
 def mtp_note(hints: dict, cfg) -> list:

@@ -163,8 +163,7 @@ def execute(plan: Plan, progress: Progress, sd: SaveDir | None = None) -> dict:
     finished = False
     try:
         try:
-            with deferred():  # preparing the directory (lock, cleanup, run record) is not cut halfway
-                sd.open()
+            sd.open()  # an interrupt waits for it
         except OSError as e:
             raise write_error(e, os.path.join(plan.options.save_dir, ".streamconv")) from None
         for n in sd.notes:
@@ -172,9 +171,8 @@ def execute(plan: Plan, progress: Progress, sd: SaveDir | None = None) -> dict:
         kept = list(sd.kept)
         written = write_files(plan, sd, progress)
         try:
-            with deferred():  # tracker and bookkeeping removal: an interrupt waits for them
-                sd.finish(plan.final_files)
-                finished = True
+            sd.finish(plan.final_files)  # an interrupt waits for it
+            finished = True
         except OSError as e:
             raise write_error(e, plan.options.save_dir) from None
     except KeyboardInterrupt:

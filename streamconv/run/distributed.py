@@ -146,7 +146,6 @@ def convert_distributed(options, progress, rank: int, world: int) -> dict:
     """One worker's part of a conversion shared by ``world`` workers (see the module docstring)."""
     from ..engine.plan import build_plan
     from ..sources import prefetch
-    from ..core.interrupts import InterruptGuard
     from .convert import _nothing_to_do, write_error, write_files
     from .savedir import SaveDir, check_paths
 
@@ -156,68 +155,67 @@ def convert_distributed(options, progress, rank: int, world: int) -> dict:
     coordinator = rank == 0
     group = _Group(rank, world)
     try:
-        with InterruptGuard():
-            def plan_it():
-                if coordinator:
-                    check_paths(options.load_dir, options.save_dir, options.overwrite, options.resume)
-                return build_plan(options, on_source=prefetch.start if coordinator else None)
-
-            plan, err = _outcome(plan_it)
-            digests = group.gather(err if err else _plan_digest(plan))
-            _stop_on(digests, "planning")
-            if len(set(digests)) != 1:
-                differ = [r for r, d in enumerate(digests) if d != digests[0]]
-                raise StreamconvError(
-                    f"the {world} workers do not agree on the plan (workers {differ} differ from worker 0): give every "
-                    "worker the same flags and the same input, visible at the same path on every node"
-                )
-            sd = SaveDir.for_plan(plan)
-
-            def open_it():
-                # the coordinator decides for the job: refusals, free space, nothing to do, --overwrite removals
-                a = sd.check(paths_checked=True)
-                progress.announce(plan)  # quiet or not: it says what --quiet must not hide
-                if a.action == "nothing":
-                    return NOTHING
-                try:
-                    sd.open()
-                except OSError as e:
-                    raise write_error(e, os.path.join(options.save_dir, ".streamconv")) from None
-                for n in sd.notes:
-                    progress.note(n)
-                return sorted(sd.done)
-
-            opened, err = _outcome(open_it) if coordinator else (None, None)
-            done = group.broadcast(err if err else opened)
-            if isinstance(done, tuple):
-                raise StreamconvError(f"the coordinator (worker 0) stopped: {done[1]}") if not coordinator \
-                    else _error(done)
-            if done == NOTHING:  # the save directory already holds exactly this conversion
-                summary = _nothing_to_do(plan, t0)
-                summary.update(workers=world, coordinator=coordinator)
-                return summary
-            if not coordinator:
-                sd.done = sd.read_done()
-                if sorted(sd.done) != done:
-                    raise StreamconvError(
-                        f"worker {rank} does not see the save directory the coordinator opened ({options.save_dir}: "
-                        f"{len(sd.done)} finished files here, {len(done)} for the coordinator; first difference "
-                        f"{sorted(set(sd.done) ^ set(done))[:1]}): every node needs it on a shared filesystem")
-            todo = [f for f in plan.files if f.relpath not in sd.done]
-            mine = set(deal(todo, world)[rank])
-            written, err = _outcome(lambda: write_files(plan, sd, progress, mine))
-            report = {"rank": rank, "host": socket.gethostname(), "error": err, "written": written or [],
-                      "read_bytes": progress.bytes_read, "peak_rss_bytes": memory.peak_rss(),
-                      "wall_seconds": round(time.monotonic() - t0, 3)}
-            reports = group.gather(report)
-            _stop_on([r["error"] for r in reports], "converting", reports)
+        def plan_it():
             if coordinator:
-                try:
-                    sd.finish(plan.final_files)
-                except OSError as e:
-                    raise write_error(e, options.save_dir) from None
-            # the tracker is written before anyone leaves: a worker that exits 0 means a complete checkpoint
-            group.gather(True)
+                check_paths(options.load_dir, options.save_dir, options.overwrite, options.resume)
+            return build_plan(options, on_source=prefetch.start if coordinator else None)
+
+        plan, err = _outcome(plan_it)
+        digests = group.gather(err if err else _plan_digest(plan))
+        _stop_on(digests, "planning")
+        if len(set(digests)) != 1:
+            differ = [r for r, d in enumerate(digests) if d != digests[0]]
+            raise StreamconvError(
+                f"the {world} workers do not agree on the plan (workers {differ} differ from worker 0): give every "
+                "worker the same flags and the same input, visible at the same path on every node"
+            )
+        sd = SaveDir.for_plan(plan)
+
+        def open_it():
+            # the coordinator decides for the job: refusals, free space, nothing to do, --overwrite removals
+            a = sd.check(paths_checked=True)
+            progress.announce(plan)  # quiet or not: it says what --quiet must not hide
+            if a.action == "nothing":
+                return NOTHING
+            try:
+                sd.open()
+            except OSError as e:
+                raise write_error(e, os.path.join(options.save_dir, ".streamconv")) from None
+            for n in sd.notes:
+                progress.note(n)
+            return sorted(sd.done)
+
+        opened, err = _outcome(open_it) if coordinator else (None, None)
+        done = group.broadcast(err if err else opened)
+        if isinstance(done, tuple):
+            raise StreamconvError(f"the coordinator (worker 0) stopped: {done[1]}") if not coordinator \
+                else _error(done)
+        if done == NOTHING:  # the save directory already holds exactly this conversion
+            summary = _nothing_to_do(plan, t0)
+            summary.update(workers=world, coordinator=coordinator)
+            return summary
+        if not coordinator:
+            sd.done = sd.read_done()
+            if sorted(sd.done) != done:
+                raise StreamconvError(
+                    f"worker {rank} does not see the save directory the coordinator opened ({options.save_dir}: "
+                    f"{len(sd.done)} finished files here, {len(done)} for the coordinator; first difference "
+                    f"{sorted(set(sd.done) ^ set(done))[:1]}): every node needs it on a shared filesystem")
+        todo = [f for f in plan.files if f.relpath not in sd.done]
+        mine = set(deal(todo, world)[rank])
+        written, err = _outcome(lambda: write_files(plan, sd, progress, mine))
+        report = {"rank": rank, "host": socket.gethostname(), "error": err, "written": written or [],
+                  "read_bytes": progress.bytes_read, "peak_rss_bytes": memory.peak_rss(),
+                  "wall_seconds": round(time.monotonic() - t0, 3)}
+        reports = group.gather(report)
+        _stop_on([r["error"] for r in reports], "converting", reports)
+        if coordinator:
+            try:
+                sd.finish(plan.final_files)
+            except OSError as e:
+                raise write_error(e, options.save_dir) from None
+        # the tracker is written before anyone leaves: a worker that exits 0 means a complete checkpoint
+        group.gather(True)
     finally:
         if coordinator and "sd" in locals():
             sd.unlock()

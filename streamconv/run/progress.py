@@ -29,10 +29,6 @@ ASSUMED = "ASSUMED"
 REMOVED = "--overwrite: removed"
 
 
-def is_assumption(note: str) -> bool:
-    return note.startswith(ASSUMED)
-
-
 def always_shown(note: str) -> bool:
     """An assumption the output depends on, or a deletion the user must hear about."""
     return note.startswith((ASSUMED, REMOVED))

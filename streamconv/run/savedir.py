@@ -49,6 +49,7 @@ import socket
 from dataclasses import dataclass, field
 
 from ..core.errors import PathError, WriteError
+from ..core.interrupts import deferred
 from ..core.sizes import human
 from ..formats import FORMATS, get_format
 from ..megatron.files import ITERATION_DIR, TRACKER
@@ -373,21 +374,17 @@ class SaveDir:
     def _assess_finished(self, a: Assessment) -> None:
         """A non-empty directory without a partial run: this conversion already, another one, or foreign files."""
         o = self.options
-        mismatch = self._complete_mismatch()
-        if mismatch is None:
-            a.state = "complete"
-            if not o.overwrite:
-                a.action = "nothing"
-                return
-        ours = self._stale(a, check_only=True) or any(self.fmt.is_own_file(os.path.join(self.root, rel))
-                                                      for rel in self.files if os.path.isfile(os.path.join(self.root, rel)))
-        if a.state != "complete":
-            a.state = "other" if ours else "foreign"
-        a.reason = mismatch or ""
-        if o.overwrite:
+        if o.overwrite:  # replaced whatever it holds: nothing to learn from reading it
             a.action = "overwrite"
             self._stale(a)
             return
+        mismatch = self._complete_mismatch()
+        if mismatch is None:
+            a.state, a.action = "complete", "nothing"
+            return
+        ours = self._stale(a, check_only=True) or any(self.fmt.is_own_file(os.path.join(self.root, rel))
+                                                      for rel in self.files if os.path.isfile(os.path.join(self.root, rel)))
+        a.state = "other" if ours else "foreign"
         a.action = "refuse"
         if ours:
             a.reason = (f"--save-dir {self.root} holds a conversion that is not this one ({mismatch}); add "
@@ -517,7 +514,14 @@ class SaveDir:
         return a
 
     def open(self) -> None:
-        """Take the lock and prepare fresh / resume / overwrite as :meth:`check` decided."""
+        """Take the lock and prepare fresh / resume / overwrite as :meth:`check` decided.
+
+        Not cut by an interrupt halfway (lock, cleanup, run record): a Ctrl-C waits for it.
+        """
+        with deferred():
+            self._open()
+
+    def _open(self) -> None:
         a = self.assessment or self.check()
         if a.action == "nothing":  # pragma: no cover - the caller does not open a finished directory
             raise PathError(f"--save-dir {self.root} already holds this conversion; nothing to open")
@@ -698,7 +702,14 @@ class SaveDir:
 
     # -- coordinator: finishing -------------------------------------------------------
     def finish(self, final_files: list) -> None:
-        """Every data file is in place: write the final files (the tracker last), then drop the bookkeeping."""
+        """Every data file is in place: write the final files (the tracker last), then drop the bookkeeping.
+
+        An interrupt waits for it: a tracker half written, or bookkeeping half removed, would mislead.
+        """
+        with deferred():
+            self._finish(final_files)
+
+    def _finish(self, final_files: list) -> None:
         done = self.read_done()
         missing = [rel for rel in self.files if rel not in done]
         if missing:  # pragma: no cover - guarded by the caller

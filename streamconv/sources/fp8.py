@@ -86,8 +86,7 @@ class Fp8BlockTensor:
         """Rows ``start:stop:step``, columns ``col0:col1``, dequantized to F32 (in ``staging`` when it fits)."""
         import torch
 
-        rows, cols = as_matrix(self.shape)
-        col1 = cols if col1 is None else col1
+        col1 = as_matrix(self.shape)[1] if col1 is None else col1
         q = read_rows(files, self.weight.path, self.weight.info, start, stop, step, col0, col1)  # uint8 view
         n = q.shape[0]
         need = n * (col1 - col0) * 4
@@ -97,16 +96,16 @@ class Fp8BlockTensor:
         t.copy_(torch.from_numpy(q).view(torch.float8_e4m3fn))
         if n == 0:
             return out
-        b0, b1 = start // self.block, (start + (n - 1) * step) // self.block + 1
-        scales = torch.from_numpy(np.array(read_rows(files, self.scale.path, self.scale.info, b0, b1)))
-        # per column: the factor of its column block (a vector of ``cols`` entries per row block)
-        col_blocks = torch.arange(col0, col1) // self.block
-        row_block = (torch.arange(n) * step + start) // self.block - b0
-        for rb in range(b1 - b0):
-            hit = (row_block == rb).nonzero().flatten()
-            if hit.numel():
-                lo, hi = int(hit[0]), int(hit[-1]) + 1  # selected rows of one block are consecutive
-                t[lo:hi].mul_(scales[rb, col_blocks])
+        b0 = start // self.block
+        scales = torch.from_numpy(read_rows(files, self.scale.path, self.scale.info, b0,
+                                            (start + (n - 1) * step) // self.block + 1))
+        col_blocks = torch.arange(col0, col1) // self.block  # each column's block: one factor per column
+        lo = 0
+        while lo < n:  # output rows lo:hi come from source rows of one row block
+            rb = (start + lo * step) // self.block
+            hi = min(n, -(-((rb + 1) * self.block - start) // step))
+            t[lo:hi].mul_(scales[rb - b0, col_blocks])
+            lo = hi
         return out
 
 

@@ -95,7 +95,7 @@ def _one_rank(what: str) -> InputError:
     )
 
 
-_STRATEGY_FILE_RE = re.compile(r"ckpt_strategy.*\.(ckpt|json)|.*strategy.*\.(ckpt|json)")
+_STRATEGY_FILE_RE = re.compile(r".*strategy.*\.(ckpt|json)")
 
 
 def _strategy_beside(directory: str) -> str | None:

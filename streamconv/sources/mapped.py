@@ -162,7 +162,6 @@ class SourceFiles:
 
 
 #: kept for callers of the mmap version
-MappedFiles = SourceFiles
 
 
 def changed_message(path: str, want: tuple, got: tuple) -> str:

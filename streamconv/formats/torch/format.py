@@ -16,19 +16,17 @@ import json
 import os
 import re
 import zipfile
-import zlib
 
 from ...megatron.entries import EntryKind
 from ...megatron.files import ITERATION_DIR, TRACKER, TRACKER_BYTES
 from ..base import FileWriter, FormatPlan, OutputFormat, PlanInput, PlannedFile, StreamGroup
-from .reader import TOP_LEVEL, RankFileReader, TorchFileReader, zip_records
+from .reader import TOP_LEVEL, RankFileReader, TorchFileReader, crc_of, zip_records
 from .state_pickle import build_pickle
 from .zipwriter import HEAD_RECORDS, SERIALIZATION_ID, VERSION_RECORD, TorchZipWriter, archive_size, record_plan
 
 RANK_FILE = "model_optim_rng.pt"
 ARCHIVE_PREFIX = "model_optim_rng"
 _RANK_DIR_RE = re.compile(r"mp_rank_\d{2}(_\d{3})?(_\d{3})?")
-_READ_CHUNK = 16 * 2**20
 
 
 def rank_dir(coord, sizes) -> str:
@@ -190,18 +188,7 @@ class TorchFormat(OutputFormat):
 def _crcs_ok(path: str, records: dict) -> bool:
     """Every record's data has the CRC its zip directory states."""
     with open(path, "rb") as fh:
-        for offset, size, want in records.values():
-            fh.seek(offset)
-            crc, left = 0, size
-            while left:
-                chunk = fh.read(min(left, _READ_CHUNK))
-                if not chunk:
-                    return False
-                crc = zlib.crc32(chunk, crc)
-                left -= len(chunk)
-            if crc != want:
-                return False
-    return True
+        return all(crc_of(fh, offset, size) == want for offset, size, want in records.values())
 
 
 FORMAT = TorchFormat()

@@ -13,14 +13,18 @@ from __future__ import annotations
 import argparse
 import collections
 import io
+import os
 import pickle
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 from ...core.shapes import contiguous_strides, numel
 from ...megatron.entries import EntryKind
 from ..base import FileReader
+
+_READ_CHUNK = 16 * 2**20  # CRC checks read this much at a time
 
 _STORAGE_DTYPES = {
     "BFloat16Storage": ("bf16", 2), "ByteStorage": ("uint8", 1), "FloatStorage": ("f32", 4),
@@ -83,20 +87,80 @@ class _Unpickler(pickle.Unpickler):
         return StorageRecord(str(key), dtype, itemsize, int(numel))
 
 
-def zip_records(path: str) -> dict:
-    """Record name -> (data offset, size, crc) for every record of a zip archive, in order."""
-    records = {}
-    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+class _Window(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of an open file as a seekable stream (what zipfile needs)."""
+
+    def __init__(self, fh, start: int, length: int):
+        super().__init__()
+        self.fh, self.start, self.length, self.pos = fh, start, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, offset, whence=os.SEEK_SET):
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.length}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def read(self, n=-1):
+        left = max(0, self.length - self.pos)
+        n = left if n is None or n < 0 else min(n, left)
+        self.fh.seek(self.start + self.pos)
+        data = self.fh.read(n)
+        self.pos += len(data)
+        return data
+
+    def readinto(self, b):
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+def archive_records(fh, start: int, length: int) -> dict:
+    """Record name -> (absolute data offset, size, crc) of the zip archive in ``[start, start + length)`` of ``fh``
+    (a whole rank file, or one item of a torch_dist file), every local header checked to lie inside it."""
+    out = {}
+    with zipfile.ZipFile(_Window(fh, start, length)) as z:
         for i in z.infolist():
-            f.seek(i.header_offset)
-            hdr = f.read(30)
+            if i.header_offset + 30 > length:
+                raise zipfile.BadZipFile(f"local header of {i.filename} outside the item")
+            fh.seek(start + i.header_offset)
+            hdr = fh.read(30)
             if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
                 raise zipfile.BadZipFile(f"bad local header for {i.filename}")
             n, e = struct.unpack("<HH", hdr[26:30])
-            records[i.filename] = (i.header_offset + 30 + n + e, i.file_size, i.CRC)
-    if not records:
+            data = i.header_offset + 30 + n + e
+            if data + i.file_size > length:
+                raise zipfile.BadZipFile(f"record {i.filename} runs past the item's end")
+            out[i.filename] = (start + data, i.file_size, i.CRC)
+    if not out:
         raise zipfile.BadZipFile("empty archive")
-    return records
+    return out
+
+
+def zip_records(path: str) -> dict:
+    """Record name -> (data offset, size, crc) for every record of a zip archive file, in order."""
+    with open(path, "rb") as fh:
+        return archive_records(fh, 0, os.fstat(fh.fileno()).st_size)
+
+
+def crc_of(fh, start: int, size: int) -> int | None:
+    """CRC-32 of ``size`` bytes at ``start``, read a chunk at a time; None if the file ends first."""
+    fh.seek(start)
+    crc, left = 0, size
+    while left:
+        chunk = fh.read(min(left, _READ_CHUNK))
+        if not chunk:
+            return None
+        crc = zlib.crc32(chunk, crc)
+        left -= len(chunk)
+    return crc
 
 
 class RankFileReader:

@@ -25,6 +25,7 @@ stage: the column slices of a row-parallel weight at all TP ranks are one step
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pickle
@@ -39,13 +40,14 @@ from ...megatron.parallel import Rank, stage_world
 from ...megatron.pieces import slice_rows
 from ...megatron.sharded import ShardedChunk, ShardedView
 from ..base import FileWriter, FormatPlan, OutputFormat, PlanInput, PlannedFile, StreamGroup
+from ..torch.reader import archive_records, crc_of
 from ..torch.state_pickle import build_tensor_pickle
 from ..torch.zipwriter import HEAD_RECORDS, VERSION_RECORD, record_plan
 from .common import CHECKPOINTING_CONFIG, COMMON_FILE, METADATA_JSON_FILE, common_pt_bytes, metadata_json_bytes
 from .item import ARCHIVE_PREFIX, TensorItemWriter, chunk_nbytes, item_size, object_item_bytes
 from .metadata import (METADATA_FILE, PICKLE_PROTOCOL, Chunk, ObjectEntry, TensorEntry, build_metadata,
-                       check_coverage, read_metadata)
-from .reader import TorchDistFileReader, archive_records, checkpoint_metadata, crc_of
+                       check_coverage)
+from .reader import TorchDistFileReader, checkpoint_metadata
 
 _DATA_FILE_RE = re.compile(r"__\d+_\d+\.distcp")
 #: the files of a torch_dist checkpoint besides its data files (the tracker is shared with every format)
@@ -363,7 +365,7 @@ class TorchDistFormat(OutputFormat):
                     cfg = json.loads(fh.read(4096) or b"null")
                 return isinstance(cfg, dict) and cfg.get("sharded_backend") == CHECKPOINTING_CONFIG["sharded_backend"]
             if _DATA_FILE_RE.fullmatch(name):
-                md = read_metadata(os.path.join(d, METADATA_FILE))
+                md = checkpoint_metadata(d)
                 ends = [info.offset + info.length for info in md.storage_data.values() if info.relative_path == name]
                 if not ends or max(ends) != os.path.getsize(path):
                     return False
@@ -375,21 +377,18 @@ class TorchDistFormat(OutputFormat):
 
     @staticmethod
     def _converted_dir(d: str) -> bool:
-        """The directory's ``.metadata`` and ``common.pt``, where present, are a converted checkpoint's."""
-        md_path, common = os.path.join(d, METADATA_FILE), os.path.join(d, COMMON_FILE)
-        if os.path.exists(md_path):
-            md = read_metadata(md_path)
-            if not md.state_dict_metadata or any(k.split(".", 1)[0] not in _MODEL_KEY_ROOTS
-                                                 for k in md.state_dict_metadata):
-                return False
-        if os.path.exists(common):
-            from ..torch.reader import RankFileReader
+        """The directory's ``.metadata`` and ``common.pt``, where present, are a converted checkpoint's.
 
-            st = RankFileReader(common).state
-            if not (isinstance(st, dict) and {"args", "checkpoint_version", "iteration"} <= set(st)
-                    and set(st) <= set(_COMMON_KEYS) and st.get("iteration") == 1):
-                return False
-        return True
+        Asked once per file of the directory: the answer is kept while both files are unchanged.
+        """
+        stamps = []
+        for name in (METADATA_FILE, COMMON_FILE):
+            try:
+                st = os.stat(os.path.join(d, name))
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except FileNotFoundError:
+                stamps.append(None)
+        return _converted_dir_cached(d, tuple(stamps))
 
     def open_reader(self, path: str, f: PlannedFile) -> TorchDistFileReader:
         return TorchDistFileReader(path, f)
@@ -419,3 +418,21 @@ class TorchDistFormat(OutputFormat):
 
 
 FORMAT = TorchDistFormat()
+
+
+@functools.lru_cache(maxsize=4)
+def _converted_dir_cached(d: str, stamps: tuple) -> bool:
+    """:meth:`TorchDistFormat._converted_dir` for one state of the two files (``stamps``: None where absent)."""
+    if stamps[0] is not None:
+        md = checkpoint_metadata(d)
+        if not md.state_dict_metadata or any(k.split(".", 1)[0] not in _MODEL_KEY_ROOTS
+                                             for k in md.state_dict_metadata):
+            return False
+    if stamps[1] is not None:
+        from ..torch.reader import RankFileReader
+
+        st = RankFileReader(os.path.join(d, COMMON_FILE)).state
+        if not (isinstance(st, dict) and {"args", "checkpoint_version", "iteration"} <= set(st)
+                and set(st) <= set(_COMMON_KEYS) and st.get("iteration") == 1):
+            return False
+    return True

@@ -28,7 +28,6 @@ import pickle
 from dataclasses import dataclass
 
 from ...core.errors import InputError
-from ...megatron.sharded import sharded_object_key  # noqa: F401 - Megatron's key rule, re-exported
 
 #: file names inside the iteration directory
 METADATA_FILE = ".metadata"
@@ -61,7 +60,7 @@ class TensorEntry:
 class ObjectEntry:
     """A byte object (Megatron ShardedObject) stored as one item."""
 
-    fqn: str  # the ShardedObject unique key, see sharded_object_key()
+    fqn: str  # the ShardedObject unique key, see megatron.sharded.sharded_object_key()
     file: str
     offset: int
     length: int

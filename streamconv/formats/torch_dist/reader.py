@@ -16,84 +16,10 @@ import functools
 import io
 import os
 import pickle
-import struct
-import zipfile
-import zlib
 
 from ..base import FileReader
-from ..torch.reader import TensorRecord, _Unpickler
+from ..torch.reader import TensorRecord, _Unpickler, archive_records
 from .metadata import METADATA_FILE, check_coverage, check_storage_files, read_metadata
-
-_READ_CHUNK = 16 * 2**20
-
-
-class _Window(io.RawIOBase):
-    """Bytes ``[start, start + length)`` of an open file as a seekable stream (what zipfile needs)."""
-
-    def __init__(self, fh, start: int, length: int):
-        super().__init__()
-        self.fh, self.start, self.length, self.pos = fh, start, length, 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self.pos
-
-    def seek(self, offset, whence=os.SEEK_SET):
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.length}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def read(self, n=-1):
-        left = max(0, self.length - self.pos)
-        n = left if n is None or n < 0 else min(n, left)
-        self.fh.seek(self.start + self.pos)
-        data = self.fh.read(n)
-        self.pos += len(data)
-        return data
-
-    def readinto(self, b):
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
-
-def archive_records(fh, start: int, length: int) -> dict:
-    """Record name -> (absolute data offset, size, crc) of the zip archive (an item) at ``start``."""
-    out = {}
-    with zipfile.ZipFile(_Window(fh, start, length)) as z:
-        for i in z.infolist():
-            if i.header_offset + 30 > length:
-                raise zipfile.BadZipFile(f"local header of {i.filename} outside the item")
-            fh.seek(start + i.header_offset)
-            hdr = fh.read(30)
-            if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
-                raise zipfile.BadZipFile(f"bad local header for {i.filename}")
-            n, e = struct.unpack("<HH", hdr[26:30])
-            data = i.header_offset + 30 + n + e
-            if data + i.file_size > length:
-                raise zipfile.BadZipFile(f"record {i.filename} runs past the item's end")
-            out[i.filename] = (start + data, i.file_size, i.CRC)
-    if not out:
-        raise zipfile.BadZipFile("empty archive")
-    return out
-
-
-def crc_of(fh, start: int, size: int) -> int | None:
-    fh.seek(start)
-    crc, left = 0, size
-    while left:
-        chunk = fh.read(min(left, _READ_CHUNK))
-        if not chunk:
-            return None
-        crc = zlib.crc32(chunk, crc)
-        left -= len(chunk)
-    return crc
-
 
 class TensorItemView:
     """A stored tensor item: its records and the tensor its ``data.pkl`` describes."""

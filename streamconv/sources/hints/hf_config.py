@@ -32,7 +32,7 @@ import os
 from dataclasses import dataclass
 
 from ...core.errors import InputError
-from ..schemes.base import layer_of
+from ..schemes.base import layer_indices
 from . import Hint, load_json
 
 SIGMOID_ROUTED = ("deepseek_v3",)
@@ -143,12 +143,11 @@ def read(path: str) -> dict:
         elif is_llama3_scaling(rs):
             out["use_rope_scaling"] = Hint(True, f"{name} {rs_key} llama3")
         elif kind not in (None, "default"):
-            out["_rope_scaling_unsupported"] = Hint(_shown(rs), f"{name} {rs_key}")
+            raise InputError(f"{name} {rs_key} {_shown(rs)} is not supported: Megatron r0.12 takes only yarn rope "
+                             "scaling (multi-latent attention) and Llama 3.1's (rope_type llama3, factor 8, "
+                             "low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192)")
     if cfg.get("num_nextn_predict_layers"):  # DeepSeek's MTP layers: compared with the weights (settings.mtp_note)
         out["_mtp_layers"] = Hint(int(cfg["num_nextn_predict_layers"]), f"{name} num_nextn_predict_layers")
-    archs = cfg.get("architectures")
-    if isinstance(archs, list) and archs:
-        out["_architecture"] = Hint(str(archs[0]), f"{name} architectures")
     return out
 
 
@@ -280,7 +279,7 @@ class _HfConfig:
                 value = self.int_key(key)
                 if value is not None and emb.shape[dim] != value:
                     raise self._disagree(key, value, emb, f"has {emb.shape[dim]} {what}")
-        layers = sorted({i for i in (layer_of(k) for k in tensors) if i is not None})
+        layers = layer_indices(tensors)
         n = self.int_key("num_hidden_layers")
         if n is not None and layers and len(layers) != n:
             raise InputError(f"{self.path}: num_hidden_layers {n} contradicts the weights: they hold {len(layers)} "

@@ -119,11 +119,6 @@ class CompositeTensor:
     def nbytes(self) -> int:
         return numel(self.full_shape) * self.itemsize
 
-    @cached_property
-    def ranks(self) -> tuple:
-        """Global ranks whose files supply this tensor."""
-        return tuple(sorted({s.rank for s in self.slices}))
-
     # -- the stream's members -------------------------------------------------------
     def _row_slices(self, start: int, stop: int):
         for s in self.slices:

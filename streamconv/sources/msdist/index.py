@@ -100,11 +100,12 @@ def _count_skipped(ck: DistCheckpoint, skipped) -> None:
     names = dict.fromkeys(ck.strategy.names())
     for hdr in ck.headers.values():
         names.update(dict.fromkeys(hdr.tensors))
+    kinds = {name: classify(name).kind for name in names}  # once per name, not once per rank file
+    for hdr in ck.headers.values():
         for name, info in hdr.tensors.items():
-            if classify(name).kind is EntryClass.OPTIMIZER:
+            if kinds[name] is EntryClass.OPTIMIZER:
                 skipped.optimizer_bytes += info.nbytes
-    for name in names:
-        kind = classify(name).kind
+    for name, kind in kinds.items():
         if kind is EntryClass.ARTIFACT:
             skipped.artifacts.append(name)
         elif kind.value in _SKIPPED_FIELD:

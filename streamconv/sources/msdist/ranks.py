@@ -183,7 +183,7 @@ def discover(load_dir: str, strategy_path: str | None = None, step: int | None =
             "every rank's files are needed"
         )
     if strategy_path is None:
-        lone = (f"; a one-device run saves no strategy: then point --load-dir at its rank_0/ directory, whose file "
+        lone = ("; a one-device run saves no strategy: then point --load-dir at its rank_0/ directory, whose file "
                 "holds whole weights") if sorted(by_rank) == [0] else ""
         raise InputError(
             f"{checkpoint_dir}: per-rank files need the run's parallel strategy; give --src-strategy-path "

@@ -9,7 +9,8 @@ Order matters only where two schemes claim the same name for the same weight
 
 from __future__ import annotations
 
-from .base import EntryClass, InputScheme, NameClass, SourceLayouts, layer_key, layer_of, non_weight_class
+from .base import (EntryClass, InputScheme, NameClass, SourceLayouts, layer_indices, layer_key, layer_of,
+                   non_weight_class)
 from .hf import HuggingFace
 from .mindformers_legacy import MindformersLegacy
 from .mindformers_mcore import MindformersMcore
@@ -43,4 +44,4 @@ def refusal(name: str) -> str | None:
 
 
 __all__ = ["SCHEMES", "classify", "refusal", "EntryClass", "InputScheme", "NameClass", "SourceLayouts",
-           "layer_key", "layer_of"]
+           "layer_indices", "layer_key", "layer_of"]

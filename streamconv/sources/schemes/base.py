@@ -84,6 +84,11 @@ def layer_of(canonical: str) -> int | None:
     return int(canonical.split(".", 3)[2])
 
 
+def layer_indices(canonical_names) -> list:
+    """The sorted layer indices the canonical names cover."""
+    return sorted({i for i in (layer_of(k) for k in canonical_names) if i is not None})
+
+
 @dataclass(frozen=True)
 class SourceLayouts:
     """How this input stores the tensors whose layout the checkpoint does not record."""

@@ -141,26 +141,27 @@ class HuggingFace(InputScheme):
 
     def regroup(self, tensors: dict) -> dict:
         """Move the layers holding MTP tensors (the last ones) to ``mtp.layers.K.*``."""
-        layers = sorted({i for i in (layer_of(k) for k in tensors) if i is not None})
-        mtp = sorted({layer_of(k) for k in tensors if layer_of(k) is not None and k.split(".", 3)[3].startswith(_MTP_MARK)})
+        layer = {k: layer_of(k) for k in tensors}
+        own = {k for k, i in layer.items() if i is not None and k.split(".", 3)[3].startswith(_MTP_MARK)}
+        mtp = sorted({layer[k] for k in own})
         if not mtp:
             return tensors
-        first = layers[-1] - len(mtp) + 1
+        last = max(i for i in layer.values() if i is not None)
+        first = last - len(mtp) + 1
         if mtp[0] < first:
-            t = next(t for k, t in tensors.items() if layer_of(k) == mtp[0] and t.canonical.split(".", 3)[3].startswith(_MTP_MARK))
+            t = next(tensors[k] for k in own if layer[k] == mtp[0])
             raise InputError(
                 f"{t.path}: {t.name!r} makes model.layers.{mtp[0]} a multi-token-prediction (MTP) layer, but "
-                f"decoder layers follow it up to model.layers.{layers[-1]}; MTP layers come after the last decoder "
+                f"decoder layers follow it up to model.layers.{last}; MTP layers come after the last decoder "
                 "layer: the checkpoint is damaged or not a DeepSeek-V3 model")
         out = {}
         for key, t in tensors.items():
-            i = layer_of(key)
+            i = layer[key]
             if i is None or i < first:
                 out[key] = t
                 continue
             suffix = key.split(".", 3)[3]
-            own = suffix[len(_MTP_MARK):] if suffix.startswith(_MTP_MARK) else None
-            new = f"mtp.layers.{i - first}." + (own if own is not None else f"transformer_layer.{suffix}")
+            new = f"mtp.layers.{i - first}." + (suffix[len(_MTP_MARK):] if key in own else f"transformer_layer.{suffix}")
             out[new] = replace(t, canonical=new)
         return out
 
