@@ -154,7 +154,9 @@ def locate(save_dir: str):
     ranks = sorted(d for d in os.listdir(it_dir) if d.startswith("mp_rank_"))
     if not ranks:
         raise SystemExit(f"{it_dir}: neither metadata.json (torch_dist) nor mp_rank_* (torch)")
-    ck = torch.load(os.path.join(it_dir, ranks[0], "model_optim_rng.pt"), map_location="cpu", weights_only=False)
+    # mmap: only args are needed, not the weights
+    ck = torch.load(os.path.join(it_dir, ranks[0], "model_optim_rng.pt"), map_location="cpu", weights_only=False,
+                    mmap=True)
     return it_dir, "torch", ck["args"]
 
 
@@ -224,14 +226,13 @@ def _copy_model_fields(ck, report: dict):
     return patch
 
 
-def worker(rank, world, port, save_dir, fmt, layout, tokens, out_dir, drop_keys=()):
+def worker(rank, world, port, save_dir, fmt, ck, layout, tokens, out_dir, drop_keys=()):
     M.add_megatron_lm(None)
     M.apply_cpu_shims()
     import json
 
     import torch.distributed as dist
 
-    _, _, ck = locate(save_dir)
     rep = {"rank": rank}
     args = M.init_megatron(_argv(ck, layout, fmt, save_dir), rank, world, port,
                            patch_args=_copy_model_fields(ck, rep))
@@ -341,7 +342,7 @@ def check(save_dir: str, hf_dir: str, tp: int = 1, pp: int = 1, ep: int = 1, etp
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix="mcore_moe_") as tmp:
             try:
-                mp.spawn(worker, args=(world, M.free_port(), save_dir, fmt, layout, tokens, tmp, tuple(drop_keys)),
+                mp.spawn(worker, args=(world, M.free_port(), save_dir, fmt, ck, layout, tokens, tmp, tuple(drop_keys)),
                          nprocs=world, join=True)
             except Exception as e:  # noqa: BLE001 - one line per case
                 res["error"] = f"Megatron worker failed: {str(e).strip().splitlines()[-1]}"

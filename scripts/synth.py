@@ -317,11 +317,16 @@ def stored_row_source(s: ModelSpec, name: str, shape: tuple):
     return None
 
 
+def stored_dtype(s: ModelSpec, name: str) -> str:
+    """The dtype a weight is saved in: the spec's, except the router's expert bias (mindformers keeps it F32)."""
+    return "F32" if name.endswith("router.expert_bias") else s.dtype
+
+
 def write_checkpoint(out_dir: str, s: ModelSpec, quiet: bool = True) -> list:
     """Write the checkpoint for ``s`` into ``out_dir``; return the file paths."""
     os.makedirs(out_dir, exist_ok=True)
     tensors = stored_tensors(s)
-    entries = [(n, shape, "F32" if n.endswith("router.expert_bias") else s.dtype) for n, shape in tensors.items()]
+    entries = [(n, shape, stored_dtype(s, n)) for n, shape in tensors.items()]
     if s.optimizer:
         entries += [(f"adam_m.{n}", shape, "F32") for n, shape in tensors.items()]
         entries += [(f"adam_v.{n}", shape, "F32") for n, shape in tensors.items()]

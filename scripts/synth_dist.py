@@ -93,7 +93,7 @@ def write_distributed(out_dir: str, s: synth.ModelSpec, tp: int, quiet: bool = T
     """Write the rank files and strategy of ``s`` cut into ``tp`` slices; return the rank file paths."""
     tensors = synth.stored_tensors(s)
     # MindSpore orders a file's entries by element size (larger first), then by name
-    entries = sorted(((n, sh, s.dtype) for n, sh in tensors.items()),
+    entries = sorted(((n, sh, synth.stored_dtype(s, n)) for n, sh in tensors.items()),
                      key=lambda e: (-synth.DTYPE_SIZE[e[2]], e[0]))
     header, off = {}, 0
     for name, shape, dt in entries:

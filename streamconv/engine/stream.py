@@ -91,7 +91,7 @@ class Streamer:
     def _fixed(self, w, e) -> None:
         self._begin([(w, e)])
         if e.data:
-            self.worker.submit(self._deliver, [w], memoryview(e.data), len(e.data))
+            self.worker.submit(self._deliver_parts, [([w], 0, len(e.data))], e.data)
         self._end([(w, e)])
 
     def _begin(self, pairs) -> None:
@@ -100,15 +100,8 @@ class Streamer:
     def _end(self, pairs) -> None:
         self.worker.submit(_call_each, [(w.end, e) for w, e in pairs])
 
-    def _deliver(self, writers, data, n) -> None:
-        mv = memoryview(data.numpy())[:n] if isinstance(data, torch.Tensor) else data
-        for w in writers:
-            w.write(mv)
-            if self.on_bytes:
-                self.on_bytes(n)
-
     def _send(self, writers, buf, n) -> None:
-        self.worker.submit(self._deliver, writers, buf, n, after=lambda: self.pool.put(buf))
+        self.worker.submit(self._deliver_parts, [(writers, 0, n)], buf, after=lambda: self.pool.put(buf))
 
     def _take(self) -> torch.Tensor:
         """A free output buffer; also where an interrupt is taken (once per block, see core.interrupts)."""
@@ -220,7 +213,8 @@ class Streamer:
             self._end(g)
 
     def _deliver_parts(self, parts, buf) -> None:
-        mv = memoryview(buf.numpy())
+        """Writer thread: each (writers, offset, length) part of ``buf`` (an output buffer, or fixed bytes)."""
+        mv = memoryview(buf.numpy() if isinstance(buf, torch.Tensor) else buf)
         for writers, off, n in parts:
             for w in writers:
                 w.write(mv[off:off + n])

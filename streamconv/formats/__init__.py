@@ -25,3 +25,19 @@ def get_format(name: str):
     if name not in FORMATS:
         raise FlagError(f"--ckpt-format {name!r}: choose one of {', '.join(FORMATS)}")
     return importlib.import_module(FORMATS[name]).FORMAT
+
+
+def all_own_files(root: str) -> list:
+    """[(format, relpath)]: files under ``root`` named like some format's output, each once (first format wins).
+
+    A save directory may hold another format's files (an earlier conversion): the
+    save-dir checks and verify look at every format's, not just the plan's.
+    """
+    out, seen = [], set()
+    for name in FORMATS:
+        fmt = get_format(name)
+        for rel in fmt.own_files(root):
+            if rel not in seen:
+                seen.add(rel)
+                out.append((fmt, rel))
+    return out

@@ -179,14 +179,19 @@ def execute(plan: Plan, progress: Progress, sd: SaveDir | None = None) -> dict:
         raise Interrupted(_interrupted_message(plan, sd, finished)) from None
     finally:
         sd.unlock()
-    wall = time.monotonic() - t0
-    return {
+    return run_summary(plan, time.monotonic() - t0, progress.bytes_read, written, kept, plan.notes + sd.notes)
+
+
+def run_summary(plan: Plan, wall: float, read_bytes: int, written: list, kept: list, notes: list, **extra) -> dict:
+    """The figures of a run, as printed and as ``--json-summary`` writes them (``extra`` adds or replaces keys)."""
+    done = set(written)
+    out = {
         "wall_seconds": round(wall, 3),
-        "read_bytes": progress.bytes_read,
-        "written_bytes": sum(f.size for f in plan.files if f.relpath in written),
+        "read_bytes": read_bytes,
+        "written_bytes": sum(f.size for f in plan.files if f.relpath in done),
         "input_bytes": plan.source.total_bytes,
         "output_bytes": plan.write_bytes,
-        "read_gb_per_s": round(progress.bytes_read / wall / 1e9, 3) if wall else None,
+        "read_gb_per_s": round(read_bytes / wall / 1e9, 3) if wall else None,
         "peak_rss_bytes": memory.peak_rss(),
         "budget_bytes": plan.budget,
         "predicted_peak_bytes": plan.predicted_peak,
@@ -194,8 +199,10 @@ def execute(plan: Plan, progress: Progress, sd: SaveDir | None = None) -> dict:
         "files_written": written,
         "files_kept": kept,
         "save_dir": plan.options.save_dir,
-        "notes": plan.notes + sd.notes,
+        "notes": notes,
     }
+    out.update(extra)
+    return out
 
 
 def _interrupted_message(plan: Plan, sd: SaveDir, finished: bool) -> str:
@@ -215,13 +222,8 @@ def _files(n: int) -> str:
 
 def _nothing_to_do(plan: Plan, t0: float) -> dict:
     """The summary of a run whose save directory already holds exactly this conversion."""
-    return {
-        "wall_seconds": round(time.monotonic() - t0, 3), "read_bytes": 0, "written_bytes": 0,
-        "input_bytes": plan.source.total_bytes, "output_bytes": plan.write_bytes, "read_gb_per_s": None,
-        "peak_rss_bytes": memory.peak_rss(), "budget_bytes": plan.budget, "predicted_peak_bytes": plan.predicted_peak,
-        "block_bytes": plan.block_bytes, "files_written": [], "files_kept": [f.relpath for f in plan.files],
-        "save_dir": plan.options.save_dir, "notes": plan.notes, "nothing_to_do": True,
-    }
+    return run_summary(plan, time.monotonic() - t0, 0, [], [f.relpath for f in plan.files], plan.notes,
+                   read_gb_per_s=None, nothing_to_do=True)
 
 
 def convert(options: ConvertOptions, progress: Progress | None = None) -> dict:
@@ -259,7 +261,6 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> dict:
             summary = _nothing_to_do(plan, t0)
         else:
             summary = execute(plan, progress, sd)
-        summary["peak_rss_bytes"] = memory.peak_rss()
         progress.done(summary)
         if options.verify:
             from .verify import verify_plan

@@ -146,7 +146,7 @@ def convert_distributed(options, progress, rank: int, world: int) -> dict:
     """One worker's part of a conversion shared by ``world`` workers (see the module docstring)."""
     from ..engine.plan import build_plan
     from ..sources import prefetch
-    from .convert import _nothing_to_do, write_error, write_files
+    from .convert import _nothing_to_do, run_summary, write_error, write_files
     from .savedir import SaveDir, check_paths
 
     t0 = time.monotonic()
@@ -220,28 +220,12 @@ def convert_distributed(options, progress, rank: int, world: int) -> dict:
         if coordinator and "sd" in locals():
             sd.unlock()
         group.close()
-    wall = time.monotonic() - t0
-    read = sum(r["read_bytes"] for r in reports)
-    return {
-        "wall_seconds": round(wall, 3),
-        "workers": world,
-        "read_bytes": read,
-        "read_gb_per_s": round(read / wall / 1e9, 3) if wall else None,
-        "written_bytes": sum(f.size for f in plan.files if any(f.relpath in r["written"] for r in reports)),
-        "input_bytes": plan.source.total_bytes,
-        "output_bytes": plan.write_bytes,
-        "peak_rss_bytes": memory.peak_rss(),
-        "per_worker": [{k: r[k] for k in ("rank", "host", "peak_rss_bytes", "read_bytes", "wall_seconds")}
-                       | {"files": len(r["written"])} for r in reports],
-        "budget_bytes": plan.budget,
-        "predicted_peak_bytes": plan.predicted_peak,
-        "block_bytes": plan.block_bytes,
-        "files_written": [p for r in reports for p in r["written"]],
-        "files_kept": sorted(set(sd.kept)) if coordinator else [],
-        "save_dir": options.save_dir,
-        "notes": plan.notes + (sd.notes if coordinator else []),
-        "coordinator": coordinator,
-    }
+    per_worker = [{k: r[k] for k in ("rank", "host", "peak_rss_bytes", "read_bytes", "wall_seconds")}
+                  | {"files": len(r["written"])} for r in reports]
+    return run_summary(plan, time.monotonic() - t0, sum(r["read_bytes"] for r in reports),
+                       [p for r in reports for p in r["written"]], sorted(set(sd.kept)) if coordinator else [],
+                       plan.notes + (sd.notes if coordinator else []),
+                       workers=world, per_worker=per_worker, coordinator=coordinator)
 
 
 def _error(err: tuple) -> StreamconvError:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from ..core.errors import PathError, WriteError
 from ..core.interrupts import deferred
 from ..core.sizes import human
-from ..formats import FORMATS, get_format
+from ..formats import all_own_files
 from ..megatron.files import ITERATION_DIR, TRACKER
 from .progress import plural
 
@@ -438,28 +438,21 @@ class SaveDir:
 
     def _own_files(self) -> list:
         """Files under the root that some output format names as its own (any format, not just this plan's)."""
-        seen = []
-        for name in FORMATS:
-            for rel in get_format(name).own_files(self.root):
-                if rel not in seen:
-                    seen.append(rel)
-        return seen
+        return [rel for _, rel in all_own_files(self.root)]
 
     def _stale(self, a: Assessment, check_only: bool = False) -> bool:
         """Files of an earlier conversion that this one does not write: recognised ones go, others stay."""
         found = False
         final = {rel for rel, _ in self.final_files}  # rewritten at the end, not removed
-        for name in FORMATS:
-            fmt = get_format(name)
-            for rel in fmt.own_files(self.root):
-                if rel in self.files or rel in final or rel in a.remove or rel in a.unrecognised:
-                    continue
-                if fmt.is_own_file(os.path.join(self.root, rel)):
-                    found = True
-                    if not check_only:
-                        a.remove.append(rel)
-                elif not check_only:
-                    a.unrecognised.append(rel)
+        for fmt, rel in all_own_files(self.root):
+            if rel in self.files or rel in final or rel in a.remove or rel in a.unrecognised:
+                continue
+            if fmt.is_own_file(os.path.join(self.root, rel)):
+                found = True
+                if not check_only:
+                    a.remove.append(rel)
+            elif not check_only:
+                a.unrecognised.append(rel)
         if not check_only and a.unrecognised:
             a.notes.append(f"--overwrite: keeps {_list(a.unrecognised)}: named like a checkpoint file but not "
                            "recognisable as a converted one (verify will report it)")

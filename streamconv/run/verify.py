@@ -23,7 +23,7 @@ from ..core.options import ConvertOptions, TransformerImpl
 from ..core.pages import release
 from ..engine import memory
 from ..engine.plan import Plan, build_plan
-from ..formats import FORMATS, get_format
+from ..formats import FORMATS, all_own_files, get_format
 from ..formats.base import FileWriter, StreamGroup
 from ..megatron.args import OPTIONS_IN_ARGS
 from ..megatron.entries import EntryKind
@@ -141,12 +141,10 @@ def _check_layout(plan: Plan, report: VerifyReport) -> None:
             if name.endswith(TEMP_SUFFIX):
                 report.add(os.path.relpath(os.path.join(d, name), root), "leftover temporary file")
     seen = {rel for rel, _ in plan.final_files}  # checked above
-    for name in FORMATS:  # another format's files in the same directory are leftovers too
-        for rel in get_format(name).own_files(root):
-            if rel not in want and rel not in seen:
-                seen.add(rel)
-                report.add(rel, "rank file not expected for this TP/PP/EP layout and format (a leftover of "
-                                "another conversion?)")
+    for _, rel in all_own_files(root):  # another format's files in the same directory are leftovers too
+        if rel not in want and rel not in seen:
+            report.add(rel, "rank file not expected for this TP/PP/EP layout and format (a leftover of "
+                            "another conversion?)")
     for rel in sorted(want):
         if not os.path.isfile(os.path.join(root, rel)):
             report.add(rel, "missing")
