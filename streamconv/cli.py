@@ -53,8 +53,9 @@ def _model_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
     g = p.add_argument_group("input and output")
     g.add_argument("--load-dir", required=True, help="MindSpore safetensors checkpoint (a file, a directory, an "
                    "index/param_name_map.json, a unified directory or mindformers' iteration output), a Hugging "
-                   "Face Llama/Qwen2/Qwen3 model directory (config.json + model.safetensors or shards with their "
-                   "index), or per-rank training output (rank_N/ files + strategy, read without merging)")
+                   "Face Llama/Qwen2/Qwen3/Qwen3-MoE/DeepSeek-V3 model directory (config.json + model.safetensors or "
+                   "shards with their index; FP8 releases with 128x128 block scales are dequantized as read), or "
+                   "per-rank training output (rank_N/ files + strategy, read without merging)")
     g.add_argument("--save-dir", required=True, help="directory for the Megatron-LM checkpoint")
     g.add_argument("--src-strategy-path", metavar="FILE_OR_DIR",
                    help="per-rank input: the parallel strategy (strategy/ directory, or one merged strategy "
@@ -210,8 +211,9 @@ def _run_flags(p: argparse.ArgumentParser, plan: bool = False) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="streamconv",
-        description="Stream a MindSpore Transformers safetensors checkpoint (or a Hugging Face Llama/Qwen2/Qwen3 "
-                    "model) into a Megatron-LM core checkpoint.",
+        description="Stream a MindSpore Transformers safetensors checkpoint (or a Hugging Face Llama/Qwen2/Qwen3/"
+                    "Qwen3-MoE/DeepSeek-V3 model, FP8 included) into a Megatron-LM core checkpoint, dense, MoE or "
+                    "MLA.",
     )
     p.add_argument("--version", action="version", version=f"streamconv {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{convert,plan,verify}")
