@@ -133,22 +133,25 @@ def _edited(llama_pair, tmp_path, edit) -> str:
 
 def test_fp8_weight_without_its_scale_is_refused(llama_pair, tmp_path):
     d = _edited(llama_pair, tmp_path, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight_scale_inv"))
-    line = refusal(["--load-dir", d, "--save-dir", str(tmp_path / "o")])
+    line = refusal(["--load-dir", d, "--save-dir", str(tmp_path / "o")], "convert")
     assert "model.layers.1.mlp.up_proj.weight" in line and "F8_E4M3" in line and "_scale_inv" in line, line
+    assert not (tmp_path / "o").exists()  # nothing written
 
 
 def test_scale_of_an_unquantized_weight_is_refused(llama_pair, tmp_path):
     def edit(sd):
         sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(200, 320)
-    line = refusal(["--load-dir", _edited(llama_pair, tmp_path, edit), "--save-dir", str(tmp_path / "o")])
+    line = refusal(["--load-dir", _edited(llama_pair, tmp_path, edit), "--save-dir", str(tmp_path / "o")], "convert")
     assert "model.layers.0.mlp.up_proj.weight_scale_inv" in line and "dtype F32" in line, line
+    assert not (tmp_path / "o").exists()  # nothing written
 
 
 def test_scale_of_the_wrong_shape_is_refused(llama_pair, tmp_path):
     def edit(sd):
         sd["model.layers.0.self_attn.o_proj.weight_scale_inv"] = torch.ones(3, 2)
-    line = refusal(["--load-dir", _edited(llama_pair, tmp_path, edit), "--save-dir", str(tmp_path / "o")])
+    line = refusal(["--load-dir", _edited(llama_pair, tmp_path, edit), "--save-dir", str(tmp_path / "o")], "convert")
     assert "model.layers.0.self_attn.o_proj.weight_scale_inv" in line and "[3, 2]" in line and "[3, 3]" in line, line
+    assert not (tmp_path / "o").exists()  # nothing written
 
 
 @pytest.mark.parametrize("qc", [
@@ -161,8 +164,9 @@ def test_other_quantization_configs_are_refused(llama_pair, tmp_path, qc):
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["quantization_config"] = qc
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    line = refusal(["--load-dir", d, "--save-dir", str(tmp_path / "o")])
+    line = refusal(["--load-dir", d, "--save-dir", str(tmp_path / "o")], "convert")
     assert "config.json" in line and "quantization_config" in line and qc["quant_method"] in line, line
+    assert not (tmp_path / "o").exists()  # nothing written
 
 
 def test_negative_control_scales_in_another_block_order_differ(llama_pair, tmp_path):

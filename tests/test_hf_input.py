@@ -668,16 +668,18 @@ def test_hf_mtp_layer_before_a_decoder_layer_is_refused(tmp_path):
                   ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight")]:
             hf[k.replace("model.layers.4.", "model.layers.2.")] = hf.pop(k)
     hf_dir, _, _ = _hf_mtp_dir(tmp_path, move)
-    line = refusal(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o")])
+    line = refusal(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o")], "convert")
     assert "model.layers.2" in line and "multi-token-prediction" in line and "model.layers.4" in line, line
+    assert not (tmp_path / "o").exists()  # nothing written
 
 
 def test_hf_mtp_copy_of_another_shape_is_refused(tmp_path):
     def cut(hf):
         hf["model.layers.4.embed_tokens.weight"] = hf["model.layers.4.embed_tokens.weight"][:-1].clone()
     hf_dir, _, _ = _hf_mtp_dir(tmp_path, cut)
-    line = refusal(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o")])
+    line = refusal(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o")], "convert")
     assert "model.layers.4.embed_tokens.weight" in line and "embedding.word_embeddings.weight" in line, line
+    assert not (tmp_path / "o").exists()  # nothing written
 
 
 
@@ -697,5 +699,6 @@ def test_hf_config_counting_other_mtp_layers_is_refused(tmp_path):
     cfg = json.load(open(os.path.join(hf_dir, "config.json")))
     cfg["num_nextn_predict_layers"] = 2
     json.dump(cfg, open(os.path.join(hf_dir, "config.json"), "w"))
-    line = refusal(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o")])
+    line = refusal(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o")], "convert")
     assert "config.json num_nextn_predict_layers 2 contradicts the weights" in line and "1 multi-token" in line, line
+    assert not (tmp_path / "o").exists()  # nothing written
