@@ -91,6 +91,22 @@ def test_library_api_returns_summary(source, tmp_path):
     assert s["read_bytes"] > 0 and s["wall_seconds"] > 0
 
 
+def test_library_call_gives_the_caller_its_torch_thread_count_back(source, tmp_path):
+    """The stream converts on one torch thread; a program that calls convert() keeps its own setting."""
+    from streamconv import ConvertOptions, convert, verify
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        o = ConvertOptions(load_dir=source, save_dir=str(tmp_path / "o"), num_attention_heads=4)
+        convert(o)
+        assert torch.get_num_threads() == 3
+        assert not verify(source, o.save_dir).problems
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_transformer_engine_key_order(tmp_path):
     """TE spec order (Megatron's module registration order; TE LayerNormLinear registers its norm first)."""
     spec = synth.ModelSpec(layers=2, hidden=32, ffn=48, heads=4, groups=2, vocab=128, norm="LayerNorm",

@@ -53,12 +53,15 @@ class Streamer:
         self.worker = BackgroundWorker("streamconv-writer", maxsize=memory.OUTPUT_BUFFERS)
         self.on_bytes = on_bytes
         self.on_read = on_read
-        torch.set_num_threads(1)  # one converter thread; the other core writes
+        # one converter thread, the other core writes; a library caller gets its thread count back in close()
+        self._torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
 
     def close(self, cancel: bool = False):
         """End the writer thread: after its queued work, or (``cancel``, or after an error) skipping it."""
         self.worker.stop(cancel=cancel or self.worker.error is not None)
         self.files.close()
+        torch.set_num_threads(self._torch_threads)
 
     # -- entry point ---------------------------------------------------------------
     def run_group(self, group, writers: dict) -> None:

@@ -161,9 +161,6 @@ class SourceFiles:
         self._fds.clear()
 
 
-#: kept for callers of the mmap version
-
-
 def changed_message(path: str, want: tuple, got: tuple) -> str:
     """One line saying how an input file differs from when it was planned (size / mtime / inode)."""
     what = []
