@@ -4,9 +4,10 @@ import os
 import sys
 
 from .cli import main
+from .core.launch import under_torchrun
 
 code = main()
-if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+if under_torchrun():
     # A torchrun worker whose work is done (files committed, tracker written by then): leave without running
     # interpreter and C++ static destructors, where c10d/gloo threads still alive at exit occasionally end the
     # process in std::terminate (SIGABRT) and torchrun would report a finished conversion as failed.

@@ -24,6 +24,7 @@ from dataclasses import fields
 from . import __version__
 from .core.errors import FlagError, StreamconvError, VerifyMismatch
 from .core.interrupts import InterruptGuard
+from .core.launch import under_torchrun
 from .core.options import FC1_LAYOUTS, QKV_LAYOUTS, TRANSFORMER_IMPLS, CkptFormat, ConvertOptions
 from .core.sizes import parse_size
 
@@ -346,7 +347,7 @@ def main(argv: list | None = None) -> int:
 
 
 def _run(argv: list) -> int:
-    if "WORLD_SIZE" in os.environ:
+    if under_torchrun():
         # a torchrun worker: a failed rendezvous must end in our one line, not in c10d's C++ log and stack
         # dump (read when torch is imported, so set before any import of it)
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")

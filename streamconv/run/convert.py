@@ -21,6 +21,7 @@ import time
 from ..core.background import BackgroundWorker
 from ..core.errors import Interrupted, VerifyMismatch, WriteError
 from ..core.interrupts import InterruptGuard, checkpoint, deferred
+from ..core.launch import torchrun_world
 from ..core.options import ConvertOptions
 from ..engine import memory
 from ..engine.plan import Plan, build_plan
@@ -232,7 +233,7 @@ def convert(options: ConvertOptions, progress: Progress | None = None) -> dict:
     Returns the summary dict. Raises :class:`~streamconv.core.errors.StreamconvError`
     subclasses with one-line messages on bad input, flags, paths or write faults.
     """
-    from .distributed import convert_distributed, torchrun_world
+    from .distributed import convert_distributed
 
     progress = progress or Progress(silent=True)
     world = torchrun_world()

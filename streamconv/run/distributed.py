@@ -32,6 +32,7 @@ import socket
 import time
 
 from ..core.errors import Interrupted, StreamconvError
+from ..core.launch import restarted
 from ..engine import memory
 
 #: how long a worker waits for the others to join the process group
@@ -40,23 +41,6 @@ JOIN_TIMEOUT_S = float(os.environ.get("STREAMCONV_RDZV_TIMEOUT", "300"))
 NOTHING = "nothing to do"
 #: collectives after the join wait as long as the slowest worker converts (torchrun ends the job on a failure)
 WORK_TIMEOUT = datetime.timedelta(days=7)
-
-
-def torchrun_world() -> tuple | None:
-    """(rank, world size) when this process was started by torchrun with more than one worker, else None."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return None
-    if world <= 1 or "MASTER_ADDR" not in os.environ:
-        return None
-    return rank, world
-
-
-def restarted() -> bool:
-    """True when torchrun restarted the workers after a failure (``--max-restarts``): then a run resumes."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
 def deal(files: list, workers: int) -> list:

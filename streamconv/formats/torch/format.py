@@ -20,9 +20,9 @@ import zipfile
 from ...megatron.entries import EntryKind
 from ...megatron.files import ITERATION_DIR, TRACKER, TRACKER_BYTES
 from ..base import FileWriter, FormatPlan, OutputFormat, PlanInput, PlannedFile, StreamGroup
-from .reader import TOP_LEVEL, RankFileReader, TorchFileReader, crc_of, zip_records
+from .reader import TOP_LEVEL, RankFileReader, TorchFileReader, archive_matches, archive_records, records_intact
 from .state_pickle import build_pickle
-from .zipwriter import HEAD_RECORDS, SERIALIZATION_ID, VERSION_RECORD, TorchZipWriter, archive_size, record_plan
+from .zipwriter import TorchZipWriter, archive_size, fixed_records, record_plan
 
 RANK_FILE = "model_optim_rng.pt"
 ARCHIVE_PREFIX = "model_optim_rng"
@@ -112,10 +112,8 @@ class TorchFormat(OutputFormat):
         try:
             if os.path.getsize(path) != record["size"]:
                 return False
-            records = zip_records(path)
-            if [[n, size, crc] for n, (_, size, crc) in records.items()] != record["records"]:
-                return False
-            return _crcs_ok(path, records)
+            with open(path, "rb") as fh:
+                return records_intact(fh, archive_records(fh, 0, record["size"]), record["records"])
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
             return False
 
@@ -131,20 +129,10 @@ class TorchFormat(OutputFormat):
                 return False
             pkl, sid = f.state
             sizes = [e.nbytes for e in f.entries if e.kind is not EntryKind.NONE]
-            want = record_plan(ARCHIVE_PREFIX, len(pkl), sizes, len(sid))
-            records = zip_records(path)
-            if [(n, size) for n, (_, size, _) in records.items()] != [(n, size) for n, size in want]:
-                return False
-            fixed = {f"{ARCHIVE_PREFIX}/data.pkl": pkl, f"{ARCHIVE_PREFIX}/{SERIALIZATION_ID}": sid.encode(),
-                     f"{ARCHIVE_PREFIX}/{VERSION_RECORD[0]}": VERSION_RECORD[1]}
-            fixed.update({f"{ARCHIVE_PREFIX}/{n}": d for n, d in HEAD_RECORDS})
             with open(path, "rb") as fh:
-                for name, data in fixed.items():
-                    offset, size, _ = records[name]
-                    fh.seek(offset)
-                    if fh.read(size) != data:
-                        return False
-            return _crcs_ok(path, records) if check_data else True
+                return archive_matches(fh, archive_records(fh, 0, f.size),
+                                       record_plan(ARCHIVE_PREFIX, len(pkl), sizes, len(sid)),
+                                       fixed_records(ARCHIVE_PREFIX, pkl, sid.encode()), check_data)
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
             return False
 
@@ -183,12 +171,6 @@ class TorchFormat(OutputFormat):
             except Exception:  # noqa: BLE001 - try the next rank file
                 continue
         return None, None
-
-
-def _crcs_ok(path: str, records: dict) -> bool:
-    """Every record's data has the CRC its zip directory states."""
-    with open(path, "rb") as fh:
-        return all(crc_of(fh, offset, size) == want for offset, size, want in records.values())
 
 
 FORMAT = TorchFormat()

@@ -163,6 +163,31 @@ def crc_of(fh, start: int, size: int) -> int | None:
     return crc
 
 
+def records_intact(fh, records: dict, recorded: list | None = None) -> bool:
+    """Every record's data has the CRC its zip directory states; with ``recorded`` (the ``[name, size, crc]``
+    list kept when the archive was finished), the directory must also still say exactly that."""
+    if recorded is not None and [[n, size, crc] for n, (_, size, crc) in records.items()] != recorded:
+        return False
+    return all(crc_of(fh, start, size) == crc for start, size, crc in records.values())
+
+
+def archive_matches(fh, records: dict, want: list, fixed: dict, check_data: bool = True) -> bool:
+    """An archive as planned: its record names and sizes in order (``want``: (name, size) pairs), the ``fixed``
+    records (name -> bytes) byte for byte, then (``check_data``) every record against its CRC.
+
+    Shared by both formats' "is this the planned file" check: a rank file is one
+    such archive, a torch_dist data file one per tensor item.
+    """
+    if [(n, size) for n, (_, size, _) in records.items()] != [(n, size) for n, size in want]:
+        return False
+    for name, data in fixed.items():
+        start, size, _ = records[name]
+        fh.seek(start)
+        if fh.read(size) != data:
+            return False
+    return records_intact(fh, records) if check_data else True
+
+
 class RankFileReader:
     """Structure of one rank file: ``state`` (with TensorRecords) and record data offsets."""
 

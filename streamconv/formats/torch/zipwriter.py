@@ -122,6 +122,16 @@ def record_plan(prefix, pickle_size, storage_sizes, sid_len):
     return names
 
 
+def fixed_records(prefix, pickle_bytes: bytes, sid: bytes | None = None) -> dict:
+    """Record name -> bytes of the records the plan fixes: the pickle, the format records and, where it is known
+    before the data (a rank file's, not a torch_dist item's), the serialization id."""
+    out = {f"{prefix}/data.pkl": pickle_bytes, f"{prefix}/{VERSION_RECORD[0]}": VERSION_RECORD[1]}
+    out.update({f"{prefix}/{n}": d for n, d in HEAD_RECORDS})
+    if sid is not None:
+        out[f"{prefix}/{SERIALIZATION_ID}"] = sid
+    return out
+
+
 class TorchZipWriter:
     """Append-only writer for one archive on an open file descriptor.
 

@@ -40,9 +40,9 @@ from ...megatron.parallel import Rank, stage_world
 from ...megatron.pieces import slice_rows
 from ...megatron.sharded import ShardedChunk, ShardedView
 from ..base import FileWriter, FormatPlan, OutputFormat, PlanInput, PlannedFile, StreamGroup
-from ..torch.reader import archive_records, crc_of
+from ..torch.reader import archive_matches, archive_records, crc_of, records_intact
 from ..torch.state_pickle import build_tensor_pickle
-from ..torch.zipwriter import HEAD_RECORDS, VERSION_RECORD, record_plan
+from ..torch.zipwriter import fixed_records, record_plan
 from .common import CHECKPOINTING_CONFIG, COMMON_FILE, METADATA_JSON_FILE, common_pt_bytes, metadata_json_bytes
 from .item import ARCHIVE_PREFIX, TensorItemWriter, chunk_nbytes, item_size, object_item_bytes
 from .metadata import (METADATA_FILE, PICKLE_PROTOCOL, Chunk, ObjectEntry, TensorEntry, build_metadata,
@@ -290,12 +290,8 @@ class TorchDistFormat(OutputFormat):
                         if crc_of(fh, off, length) != what:
                             return False
                         continue
-                    recs = archive_records(fh, off, length)
-                    if [[n, s, c] for n, (_, s, c) in recs.items()] != what:
+                    if not records_intact(fh, archive_records(fh, off, length), what):
                         return False
-                    for start, size, crc in recs.values():
-                        if crc_of(fh, start, size) != crc:
-                            return False
             return True
         except Exception:  # noqa: BLE001 - any damage (bad zip, short file, odd record): rewrite it
             return False
@@ -319,23 +315,11 @@ class TorchDistFormat(OutputFormat):
                         if fh.read(it.length) != it.data:
                             return False
                         continue
-                    recs = archive_records(fh, it.offset, it.length)
                     pkl = build_tensor_pickle(it.dtype, it.shape)
                     want = record_plan(ARCHIVE_PREFIX, len(pkl), [chunk_nbytes(it.dtype, it.shape)], 40)
-                    if [(n, size) for n, (_, size, _) in recs.items()] != [(n, size) for n, size in want]:
+                    if not archive_matches(fh, archive_records(fh, it.offset, it.length), want,
+                                           fixed_records(ARCHIVE_PREFIX, pkl), check_data):
                         return False
-                    fixed = {f"{ARCHIVE_PREFIX}/data.pkl": pkl,
-                             f"{ARCHIVE_PREFIX}/{VERSION_RECORD[0]}": VERSION_RECORD[1]}
-                    fixed.update({f"{ARCHIVE_PREFIX}/{n}": d for n, d in HEAD_RECORDS})
-                    for name, data in fixed.items():
-                        start, size, _ = recs[name]
-                        fh.seek(start)
-                        if fh.read(size) != data:
-                            return False
-                    if check_data:
-                        for start, size, crc in recs.values():
-                            if crc_of(fh, start, size) != crc:
-                                return False
             return True
         except Exception:  # noqa: BLE001 - unreadable, truncated, another layout: not this file
             return False
