@@ -9,6 +9,8 @@ message names the file, tensor, flag or path and says what to do. The CLI prints
 
 from __future__ import annotations
 
+import errno
+
 
 class StreamconvError(Exception):
     """Base class: a failure with a user-facing one-line message."""
@@ -42,6 +44,20 @@ class WriteError(StreamconvError):
     """
 
     exit_code = 3
+
+
+def write_error(e: OSError, path: str) -> WriteError:
+    """The one-line :class:`WriteError` for an ``OSError`` met while writing ``path``: what happened, what to do."""
+    if e.errno == errno.ENOSPC:
+        what, todo = "the disk is full", "free space"
+    elif e.errno == errno.EFBIG:
+        what, todo = "the file-size limit was reached (ulimit -f)", "raise the limit"
+    elif e.errno == errno.EDQUOT:
+        what, todo = "the disk quota is exhausted", "free quota"
+    else:
+        what, todo = e.strerror or str(e), "fix the cause"
+    return WriteError(f"writing {path} failed: {what}; {todo} and rerun the same command with --resume "
+                      "(finished rank files are kept)")
 
 
 class Interrupted(StreamconvError):

@@ -30,6 +30,14 @@ def torchrun_world() -> tuple | None:
     return rank, world
 
 
+def restart_count() -> int:
+    """How often torchrun has restarted the workers after a failure (``--max-restarts``); 0 on the first attempt."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
 def restarted() -> bool:
-    """True when torchrun restarted the workers after a failure (``--max-restarts``): then a run resumes."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    """True when torchrun restarted the workers after a failure: then a run resumes."""
+    return restart_count() > 0

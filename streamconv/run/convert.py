@@ -14,12 +14,11 @@ to it (:func:`write_files`). In a single process the one process is both.
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 
 from ..core.background import BackgroundWorker
-from ..core.errors import Interrupted, VerifyMismatch, WriteError
+from ..core.errors import Interrupted, VerifyMismatch, write_error
 from ..core.interrupts import InterruptGuard, checkpoint, deferred
 from ..core.launch import torchrun_world
 from ..core.options import ConvertOptions
@@ -28,25 +27,6 @@ from ..engine.plan import Plan, build_plan
 from .progress import Progress, plural
 from .savedir import SaveDir, check_paths
 from .writeback import WritebackPacer
-
-
-def write_error(e: OSError, path: str) -> WriteError:
-    if e.errno == errno.ENOSPC:
-        what = "the disk is full"
-        todo = "free space"
-    elif e.errno == errno.EFBIG:
-        what = "the file-size limit was reached (ulimit -f)"
-        todo = "raise the limit"
-    elif e.errno == errno.EDQUOT:
-        what = "the disk quota is exhausted"
-        todo = "free quota"
-    else:
-        what = e.strerror or str(e)
-        todo = "fix the cause"
-    return WriteError(
-        f"writing {path} failed: {what}; {todo} and rerun the same command with --resume "
-        "(finished rank files are kept)"
-    )
 
 
 class _Committer:
@@ -163,19 +143,13 @@ def execute(plan: Plan, progress: Progress, sd: SaveDir | None = None) -> dict:
     sd = sd or SaveDir.for_plan(plan)
     finished = False
     try:
-        try:
-            sd.open()  # an interrupt waits for it
-        except OSError as e:
-            raise write_error(e, os.path.join(plan.options.save_dir, ".streamconv")) from None
+        sd.open()
         for n in sd.notes:
             progress.note(n)
         kept = list(sd.kept)
         written = write_files(plan, sd, progress)
-        try:
-            sd.finish(plan.final_files)  # an interrupt waits for it
-            finished = True
-        except OSError as e:
-            raise write_error(e, plan.options.save_dir) from None
+        sd.finish(plan.final_files)
+        finished = True
     except KeyboardInterrupt:
         raise Interrupted(_interrupted_message(plan, sd, finished)) from None
     finally:

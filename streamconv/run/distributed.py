@@ -32,7 +32,7 @@ import socket
 import time
 
 from ..core.errors import Interrupted, StreamconvError
-from ..core.launch import restarted
+from ..core.launch import restart_count, restarted
 from ..engine import memory
 
 #: how long a worker waits for the others to join the process group
@@ -68,8 +68,7 @@ class _Group:
                                                timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S)))
             # torchrun may hand a restarted group the same agent store: keys of the attempt that failed (the
             # dead workers' addresses) must not be read by this one
-            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            store = dist.PrefixStore(f"streamconv/attempt_{attempt}", store)
+            store = dist.PrefixStore(f"streamconv/attempt_{restart_count()}", store)
             dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=WORK_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - any failure to join is the same story for the user
             raise StreamconvError(
@@ -130,7 +129,7 @@ def convert_distributed(options, progress, rank: int, world: int) -> dict:
     """One worker's part of a conversion shared by ``world`` workers (see the module docstring)."""
     from ..engine.plan import build_plan
     from ..sources import prefetch
-    from .convert import _nothing_to_do, run_summary, write_error, write_files
+    from .convert import _nothing_to_do, run_summary, write_files
     from .savedir import SaveDir, check_paths
 
     t0 = time.monotonic()
@@ -161,10 +160,7 @@ def convert_distributed(options, progress, rank: int, world: int) -> dict:
             progress.announce(plan)  # quiet or not: it says what --quiet must not hide
             if a.action == "nothing":
                 return NOTHING
-            try:
-                sd.open()
-            except OSError as e:
-                raise write_error(e, os.path.join(options.save_dir, ".streamconv")) from None
+            sd.open()
             for n in sd.notes:
                 progress.note(n)
             return sorted(sd.done)
@@ -194,10 +190,7 @@ def convert_distributed(options, progress, rank: int, world: int) -> dict:
         reports = group.gather(report)
         _stop_on([r["error"] for r in reports], "converting", reports)
         if coordinator:
-            try:
-                sd.finish(plan.final_files)
-            except OSError as e:
-                raise write_error(e, options.save_dir) from None
+            sd.finish(plan.final_files)
         # the tracker is written before anyone leaves: a worker that exits 0 means a complete checkpoint
         group.gather(True)
     finally:

@@ -9,8 +9,8 @@ tenth of the bytes, so logs hold no carriage-return redraws.
 assumption which can make the output wrong (a note starting with
 :data:`ASSUMED`, such as the fused-weight layouts), nor one that says which
 files of the user's directory ``--overwrite`` removed: those are printed
-whatever the flags. ``silent`` (the library's default, whose caller gets every note in
-the returned summary) prints nothing at all.
+whatever the flags. ``silent`` (the library's default, whose caller gets every
+note in the returned summary) prints nothing at all.
 """
 
 from __future__ import annotations

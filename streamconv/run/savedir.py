@@ -48,7 +48,7 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 
-from ..core.errors import PathError, WriteError
+from ..core.errors import PathError, WriteError, write_error
 from ..core.interrupts import deferred
 from ..core.sizes import human
 from ..formats import all_own_files
@@ -510,9 +510,13 @@ class SaveDir:
         """Take the lock and prepare fresh / resume / overwrite as :meth:`check` decided.
 
         Not cut by an interrupt halfway (lock, cleanup, run record): a Ctrl-C waits for it.
+        A failed write is the one-line :class:`WriteError`, here for every caller.
         """
         with deferred():
-            self._open()
+            try:
+                self._open()
+            except OSError as e:
+                raise write_error(e, os.path.join(self.root, BOOKKEEPING)) from None
 
     def _open(self) -> None:
         a = self.assessment or self.check()
@@ -700,7 +704,10 @@ class SaveDir:
         An interrupt waits for it: a tracker half written, or bookkeeping half removed, would mislead.
         """
         with deferred():
-            self._finish(final_files)
+            try:
+                self._finish(final_files)
+            except OSError as e:
+                raise write_error(e, self.root) from None
 
     def _finish(self, final_files: list) -> None:
         done = self.read_done()

@@ -47,7 +47,7 @@ from .common import CHECKPOINTING_CONFIG, COMMON_FILE, METADATA_JSON_FILE, commo
 from .item import ARCHIVE_PREFIX, TensorItemWriter, chunk_nbytes, item_size, object_item_bytes
 from .metadata import (METADATA_FILE, PICKLE_PROTOCOL, Chunk, ObjectEntry, TensorEntry, build_metadata,
                        check_coverage)
-from .reader import TorchDistFileReader, checkpoint_metadata
+from .reader import TorchDistFileReader, checkpoint_metadata, file_stamp
 
 _DATA_FILE_RE = re.compile(r"__\d+_\d+\.distcp")
 #: the files of a torch_dist checkpoint besides its data files (the tracker is shared with every format)
@@ -247,7 +247,8 @@ class _Planner:
         return StreamGroup(stage.index, stage.layers, files, steps)
 
     def metadata(self):
-        tensors = [TensorEntry(fqn, dtype, shape, tuple(chunks)) for fqn, (dtype, shape, chunks) in self.tensors.items()]
+        tensors = [TensorEntry(fqn, dtype, shape, tuple(chunks))
+                   for fqn, (dtype, shape, chunks) in self.tensors.items()]
         md = build_metadata(tensors, self.objects)
         problems = check_coverage(md)
         if problems:
@@ -365,14 +366,7 @@ class TorchDistFormat(OutputFormat):
 
         Asked once per file of the directory: the answer is kept while both files are unchanged.
         """
-        stamps = []
-        for name in (METADATA_FILE, COMMON_FILE):
-            try:
-                st = os.stat(os.path.join(d, name))
-                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except FileNotFoundError:
-                stamps.append(None)
-        return _converted_dir_cached(d, tuple(stamps))
+        return _converted_dir_cached(d, tuple(file_stamp(os.path.join(d, n)) for n in (METADATA_FILE, COMMON_FILE)))
 
     def open_reader(self, path: str, f: PlannedFile) -> TorchDistFileReader:
         return TorchDistFileReader(path, f)

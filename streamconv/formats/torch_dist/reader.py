@@ -42,19 +42,25 @@ class TensorItemView:
         return start, off + size - start
 
 
+def file_stamp(path: str) -> tuple | None:
+    """(size, mtime_ns, inode) of ``path``, None if it is absent: a cache key that changes when the file does."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 @functools.lru_cache(maxsize=2)
-def _metadata_cached(path: str, mtime_ns: int, size: int):
+def _metadata_cached(path: str, stamp: tuple):
     return read_metadata(path)
 
 
 def checkpoint_metadata(directory: str):
     """The directory's ``.metadata`` (restricted unpickling; cached while the file is unchanged)."""
     path = os.path.join(directory, METADATA_FILE)
-    try:
-        st = os.stat(path)
-    except OSError:
-        return read_metadata(path)  # raises the one-line InputError
-    return _metadata_cached(path, st.st_mtime_ns, st.st_size)
+    stamp = file_stamp(path)
+    return read_metadata(path) if stamp is None else _metadata_cached(path, stamp)  # absent: the one-line error
 
 
 class TorchDistFileReader(FileReader):
