@@ -11,6 +11,7 @@ pipeline, or with layouts computed by hand in the tests.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -81,9 +82,36 @@ def tree(root: str) -> list:
     return sorted(out)
 
 
+class Contents:
+    """A file's bytes: compared exactly, printed short (size and sha256 prefix).
+
+    Tests compare files through this, never as two raw ``bytes``: on CI (pytest sees ``CI=true``) a failing
+    ``==`` between bytes objects is explained with a difflib diff of every byte, quadratic in their length, so
+    one differing rank file held the CI run for hours instead of failing it.
+    """
+
+    __slots__ = ("data",)
+    __hash__ = None
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Contents) and self.data == other.data
+
+    def __repr__(self) -> str:
+        return f"<{len(self.data)} bytes, sha256 {hashlib.sha256(self.data).hexdigest()[:16]}>"
+
+
+def contents(path) -> Contents:
+    """The bytes of the file at ``path``, to compare with ``==`` (see ``Contents``)."""
+    with open(path, "rb") as f:
+        return Contents(f.read())
+
+
 def file_bytes(root: str) -> dict:
     """relpath -> contents of every file under ``root`` (outputs are compared byte for byte)."""
-    return {rel: open(os.path.join(root, rel), "rb").read() for rel in tree(root)}
+    return {rel: contents(os.path.join(root, rel)) for rel in tree(root)}
 
 
 def kill_when(proc, condition, timeout: float = 120) -> bool:

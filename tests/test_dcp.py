@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from helpers import Contents, contents
 from streamconv.formats.torch_dist import torch_sid
 from streamconv.formats.torch_dist.common import (
     COMMON_FILE,
@@ -137,7 +138,7 @@ def test_torch_save_to_archive_pt_path_equals_stream(tmp_path):
     """Basis of the >4 GiB test, which compares against a file to avoid two copies in memory."""
     t = torch.randn(3, 7).to(torch.bfloat16)
     torch.save(t, tmp_path / "archive.pt")
-    assert (tmp_path / "archive.pt").read_bytes() == _torch_save(t)
+    assert contents(tmp_path / "archive.pt") == Contents(_torch_save(t))
 
 
 @pytest.mark.slow
@@ -385,7 +386,7 @@ def test_our_files_equal_what_dcp_save_writes(tmp_path):
         o, ln = _write_item(fd, t, dt)
         tw.append(TensorEntry(key, dt, tuple(t.shape), (Chunk((0,) * t.dim(), tuple(t.shape), "__0_0.distcp", o, ln),)))
     os.close(fd)
-    assert (ours / "__0_0.distcp").read_bytes() == (ref / "__0_0.distcp").read_bytes()
+    assert contents(ours / "__0_0.distcp") == contents(ref / "__0_0.distcp")
     with open(ref / ".metadata", "rb") as f:
         theirs = pickle.load(f)
     mine = build_metadata(tw, [ObjectEntry(okey, "__0_0.distcp", 0, len(obytes))])

@@ -21,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import DATA, GOLDEN, HAVE_SHARED, SHARED, SHARED_GOLDEN, golden_cases, official_argv, run_cli, tree
+from helpers import (DATA, GOLDEN, HAVE_SHARED, SHARED, SHARED_GOLDEN, contents, golden_cases, official_argv,
+                     run_cli, tree)
 
 CASES = [pytest.param(GOLDEN, c, id=f"repo-{c}") for c in golden_cases(GOLDEN)]
 if HAVE_SHARED:
@@ -111,4 +112,4 @@ if HAVE_SHARED:  # defined only then: a clone without ../shared has nothing to c
         shipped = [rel for rel in tree(DATA) if not rel.startswith("megatron_truth/")]
         assert tree(out) == shipped
         for rel in shipped:
-            assert open(os.path.join(out, rel), "rb").read() == open(os.path.join(DATA, rel), "rb").read(), rel
+            assert contents(os.path.join(out, rel)) == contents(os.path.join(DATA, rel)), rel

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from helpers import FIXTURES_ROOT, tree
+from helpers import FIXTURES_ROOT, contents, tree
 from test_logits import bf16, causal_attention, load_megatron, megatron_logits, rms_norm, rope
 
 QWEN2 = os.path.join(FIXTURES_ROOT, "hf_pairs", "qwen2")
@@ -65,8 +65,7 @@ def refusal(argv: list, command: str = "plan") -> str:
 def same_files(a: str, b: str) -> None:
     assert tree(a) == tree(b)
     for rel in tree(a):
-        with open(os.path.join(a, rel), "rb") as fa, open(os.path.join(b, rel), "rb") as fb:
-            assert fa.read() == fb.read(), f"{rel} differs"
+        assert contents(os.path.join(a, rel)) == contents(os.path.join(b, rel)), f"{rel} differs"
 
 
 def rank_files(save: str, tp: int, pp: int) -> dict:

@@ -20,7 +20,7 @@ import time
 import pytest
 
 import synth
-from helpers import file_bytes, run_cli, tree
+from helpers import file_bytes, run_cli
 
 SPEC = synth.ModelSpec(layers=8, hidden=512, ffn=1024, heads=8, groups=4, vocab=4000, files=2)
 FLAGS = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "4", "--num-attention-heads", "8",
@@ -38,7 +38,7 @@ def source(tmp_path_factory):
 def reference(source, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ref") / "out")
     run_cli(["convert", "--load-dir", source, "--save-dir", out, *FLAGS, "--quiet"])
-    return {rel: open(os.path.join(out, rel), "rb").read() for rel in tree(out)}
+    return file_bytes(out)
 
 
 def _temps(save):

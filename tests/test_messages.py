@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import synth
-from helpers import REPO, STATED_SETTINGS, run_cli
+from helpers import REPO, STATED_SETTINGS, contents, run_cli
 
 SPEC = synth.ModelSpec(layers=2, hidden=64, ffn=128, heads=4, groups=2, vocab=256)
 HEADS = ["--num-attention-heads", "4"]
@@ -145,7 +145,7 @@ def test_quiet_still_states_assumed_layouts(source, tmp_path):
     assert p.stdout == ""
     # and the stated values give the same bytes as the assumed ones
     for rel in ("iter_0000001/mp_rank_00/model_optim_rng.pt",):
-        assert open(tmp_path / "a" / rel, "rb").read() == open(tmp_path / "b" / rel, "rb").read()
+        assert contents(tmp_path / "a" / rel) == contents(tmp_path / "b" / rel), rel
     # nothing assumed at all: --quiet is silent
     p = run_cli(["convert", "--load-dir", source, "--save-dir", str(tmp_path / "c"), *HEADS, "--quiet",
                  "--fc1-layout", "interleaved", "--qkv-layout", "grouped", *STATED_SETTINGS])

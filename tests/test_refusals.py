@@ -41,7 +41,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import FIXTURES
+from helpers import FIXTURES, contents
 from synth import ModelSpec, stored_tensors, write_checkpoint
 
 ERR = "streamconv: error:"
@@ -819,11 +819,11 @@ def test_nonempty_save_dir_not_from_streamconv_is_refused(ws, models):
 def test_overwrite_keeps_files_streamconv_did_not_write(ws, models):
     src = models["base"]
     foreign = _foreign_save_dir(ws.save)
-    kept = {rel: open(ws.save / rel, "rb").read() for rel in foreign}
+    kept = {rel: contents(ws.save / rel) for rel in foreign}
     accept(ws, ["--load-dir", src, "--save-dir", ws.save, *BASE_FLAGS, "--overwrite"], watch=[src])
     for rel, data in kept.items():
         assert (ws.save / rel).is_file(), f"--overwrite deleted {rel}, which streamconv did not write"
-        assert open(ws.save / rel, "rb").read() == data, f"--overwrite changed {rel}, which streamconv did not write"
+        assert contents(ws.save / rel) == data, f"--overwrite changed {rel}, which streamconv did not write"
     assert open(ws.save / TRACKER).read() == "1"
     assert (ws.save / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt").is_file()
     left = sorted(os.path.relpath(os.path.join(d, f), ws.save) for d, _, fs in os.walk(ws.save) for f in fs)

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import synth
-from helpers import STATED_SETTINGS, run_cli, tree
+from helpers import STATED_SETTINGS, contents, run_cli, tree
 
 SPEC = synth.ModelSpec(layers=4, hidden=128, ffn=256, heads=8, groups=4, vocab=512)
 BASE = ["--num-attention-heads", "8", "--fc1-layout", "interleaved", "--qkv-layout", "grouped", *STATED_SETTINGS,
@@ -122,7 +122,7 @@ def test_overwrite_keeps_what_it_cannot_recognise_and_verify_lists_every_problem
     (it / "mp_rank_05" / "model_optim_rng.pt").write_bytes(b"not a zip at all")
     (save / "notes.txt").write_text("mine")
     (it / "README.md").write_text("hands off")
-    kept = {rel: (save / rel).read_bytes() for rel in
+    kept = {rel: contents(save / rel) for rel in
             ["notes.txt", "iter_0000001/README.md", "iter_0000001/mp_rank_04/model_optim_rng.pt",
              "iter_0000001/mp_rank_05/model_optim_rng.pt"]}
     p = convert(source, save, PP2, "--overwrite", "--verify", check=False)
@@ -136,7 +136,7 @@ def test_overwrite_keeps_what_it_cannot_recognise_and_verify_lists_every_problem
     mism = [x for x in p.stdout.splitlines() if x.startswith("MISMATCH")]
     assert len(mism) == 2 and any("mp_rank_04" in m for m in mism) and any("mp_rank_05" in m for m in mism), p.stdout
     for rel, data in kept.items():
-        assert (save / rel).read_bytes() == data, f"--overwrite changed or deleted {rel}"
+        assert contents(save / rel) == data, f"--overwrite changed or deleted {rel}"
     assert sorted(tree(str(save))) == sorted(pp2_layout() + list(kept))
 
 
@@ -435,10 +435,10 @@ def test_overwrite_keeps_a_torch_dist_training_checkpoint(source, tmp_path):
                 "iteration": 500, "optimizer": {"param_groups": []}}, str(it / "common.pt"))
     (it / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                                                    "common_backend": "torch", "common_backend_version": 1}))
-    kept = {rel: (save / rel).read_bytes() for rel in tree(str(save))}
+    kept = {rel: contents(save / rel) for rel in tree(str(save))}
     assert sorted(kept) == sorted(["iter_0000001/__0_0.distcp", *DIST_FILES])
     p = convert(source, save, [f for f in PP2 if f != "--quiet"], "--overwrite")
     assert "keeps" in p.stdout + p.stderr and "__0_0.distcp" in p.stdout + p.stderr
     for rel, data in kept.items():
-        assert (save / rel).read_bytes() == data, f"--overwrite changed or deleted {rel}"
+        assert contents(save / rel) == data, f"--overwrite changed or deleted {rel}"
     assert sorted(tree(str(save))) == sorted(pp2_layout() + list(kept))
