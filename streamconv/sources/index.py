@@ -121,21 +121,9 @@ def index_checkpoint(load_path: str, strategy_path: str | None = None, step: int
                 if os.path.abspath(want) != os.path.abspath(path):
                     raise InputError(f"{path}: holds {name!r}, but the index says it is in {weight_map[name]}; the index is stale")
             cls = classify(name)
-            if cls.kind is EntryClass.OPTIMIZER:
-                skipped.optimizer += 1
-                skipped.optimizer_bytes += info.nbytes
-                continue
-            if cls.kind is EntryClass.STEP:
-                skipped.steps += 1
-                continue
-            if cls.kind is EntryClass.PLACEHOLDER:
-                skipped.placeholders += 1
-                continue
-            if cls.kind is EntryClass.BUFFER:
-                skipped.buffers += 1
-                continue
-            if cls.kind is EntryClass.ARTIFACT:
-                skipped.artifacts.append(name)
+            if skipped.set_aside(cls.kind, name):
+                if cls.kind is EntryClass.OPTIMIZER:
+                    skipped.optimizer_bytes += info.nbytes
                 continue
             if cls.kind is EntryClass.SCALE:
                 scales.append((cls.canonical, SourceTensor(cls.canonical, name, path, info, cls.scheme.name)))

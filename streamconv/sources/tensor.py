@@ -82,6 +82,24 @@ class Skipped:
     files: list = field(default_factory=list)  # (path, reason)
     other: list = field(default_factory=list)  # (what, [names]): other entries set aside, named in the notes
 
+    #: the entry kinds (``EntryClass`` values) counted here, each to its field
+    _COUNTED = {"optimizer": "optimizer", "step": "steps", "placeholder": "placeholders", "buffer": "buffers"}
+
+    def set_aside(self, kind, name: str) -> bool:
+        """Count entry ``name`` if its kind (an ``EntryClass``) carries no weights; False for any other kind.
+
+        One place for both input layouts: a merged checkpoint counts each entry as it is
+        read, per-rank output each distinct name once (optimizer bytes stay the caller's).
+        """
+        if kind.value == "artifact":
+            self.artifacts.append(name)
+            return True
+        attr = self._COUNTED.get(kind.value)
+        if attr is None:
+            return False
+        setattr(self, attr, getattr(self, attr) + 1)
+        return True
+
     def lines(self) -> list:
         out = []
         if self.optimizer:

@@ -26,9 +26,6 @@ from .composite import composite
 
 #: plan lists at most this many rank files one per line (then a count of the rest)
 MAX_LISTED_RANKS = 16
-#: EntryClass value of a set-aside entry -> its counter in Skipped
-_SKIPPED_FIELD = {EntryClass.OPTIMIZER.value: "optimizer", EntryClass.STEP.value: "steps",
-                  EntryClass.PLACEHOLDER.value: "placeholders", EntryClass.BUFFER.value: "buffers"}
 
 
 @dataclass
@@ -106,11 +103,7 @@ def _count_skipped(ck: DistCheckpoint, skipped) -> None:
             if kinds[name] is EntryClass.OPTIMIZER:
                 skipped.optimizer_bytes += info.nbytes
     for name, kind in kinds.items():
-        if kind is EntryClass.ARTIFACT:
-            skipped.artifacts.append(name)
-        elif kind.value in _SKIPPED_FIELD:
-            attr = _SKIPPED_FIELD[kind.value]
-            setattr(skipped, attr, getattr(skipped, attr) + 1)
+        skipped.set_aside(kind, name)
     if ck.no_layout:
         skipped.other.append((
             f"{len(ck.no_layout)} rank-file entries without a layout (not weights; MindSpore's merge puts them in "
