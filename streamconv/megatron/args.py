@@ -69,83 +69,78 @@ def megatron_args(cfg, o: ConvertOptions, sizes: ParallelSizes) -> argparse.Name
         # The official loader keeps the flag's value (None when omitted); for GQA the
         # true group count is needed for the model to load.
         groups = cfg.num_query_groups if cfg.group_query_attention else None
-    fields = [
-        ("num_layers", cfg.num_layers),
-        ("hidden_size", cfg.hidden_size),
-        ("num_attention_heads", cfg.num_attention_heads),
-        ("add_position_embedding", True),
-        ("max_position_embeddings", cfg.max_position_embeddings),
-        ("make_vocab_size_divisible_by", o.make_vocab_size_divisible_by),
-        ("padded_vocab_size", cfg.padded_vocab_size),
-        ("tokenizer_type", o.tokenizer_type),
-        ("data_parallel_random_init", False),
-        ("tensor_model_parallel_size", sizes.tp),
-        ("pipeline_model_parallel_size", sizes.pp),
-        ("consumed_train_samples", 0),
-        ("skipped_train_samples", 0),
-        ("consumed_valid_samples", 0),
-        ("ffn_hidden_size", ffn),
-        ("seq_length", cfg.seq_length),
-        ("num_query_groups", groups),
-        ("group_query_attention", cfg.group_query_attention or o.group_query_attention),
-        ("kv_channels", cfg.kv_channels),
-        ("position_embedding_type", cfg.position_embedding_type),
-        ("use_rotary_position_embeddings", False),
-        ("rotary_base", o.rotary_base),
-        ("rotary_percent", o.rotary_percent),
-        ("rotary_interleaved", o.rotary_interleaved),
-        ("add_bias_linear", cfg.add_bias_linear),
-        ("add_qkv_bias", cfg.add_qkv_bias or cfg.add_bias_linear),
-        ("squared_relu", False),
-        ("swiglu", cfg.swiglu),
-        ("untie_embeddings_and_output_weights", not cfg.tied),
-        ("apply_layernorm_1p", False),
-        ("normalization", str(cfg.normalization.value)),
-        ("apply_query_key_layer_scaling", False),
-        ("attention_dropout", o.attention_dropout),
-        ("hidden_dropout", o.hidden_dropout),
-        ("hybrid_override_pattern", None),
-        ("spec", None),
-        ("hybrid_attention_ratio", 0.0),
-        ("hybrid_mlp_ratio", 0.0),
-        ("num_experts", None),
-        ("moe_layer_freq", 1),
-        ("moe_ffn_hidden_size", ffn),
-        ("moe_router_topk", 2),
-        ("moe_token_dispatcher_type", "allgather"),
-        ("moe_router_pre_softmax", False),
-        ("moe_grouped_gemm", False),
-        ("moe_shared_expert_intermediate_size", None),
-        ("mamba_state_dim", 128),
-        ("mamba_head_dim", 64),
-        ("mamba_num_groups", 8),
-        ("is_hybrid_model", False),
-        ("heterogeneous_layers_config_path", None),
-        ("heterogeneous_layers_config_encoded_json", None),
-        ("tokenizer_model", None),
-        ("tiktoken_pattern", None),
-        ("ckpt_format", "torch"),
-        ("virtual_pipeline_model_parallel_size", None),
-        ("num_layers_per_virtual_pipeline_stage", None),
-        ("expert_model_parallel_size", 1),
-        ("fp16", False),
-        ("bf16", True),
-    ]
+    fields = {  # in the order Megatron's own saver pickles them (the rank files' bytes depend on it)
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "add_position_embedding": True,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "make_vocab_size_divisible_by": o.make_vocab_size_divisible_by,
+        "padded_vocab_size": cfg.padded_vocab_size,
+        "tokenizer_type": o.tokenizer_type,
+        "data_parallel_random_init": False,
+        "tensor_model_parallel_size": sizes.tp,
+        "pipeline_model_parallel_size": sizes.pp,
+        "consumed_train_samples": 0,
+        "skipped_train_samples": 0,
+        "consumed_valid_samples": 0,
+        "ffn_hidden_size": ffn,
+        "seq_length": cfg.seq_length,
+        "num_query_groups": groups,
+        "group_query_attention": cfg.group_query_attention or o.group_query_attention,
+        "kv_channels": cfg.kv_channels,
+        "position_embedding_type": cfg.position_embedding_type,
+        "use_rotary_position_embeddings": False,
+        "rotary_base": o.rotary_base,
+        "rotary_percent": o.rotary_percent,
+        "rotary_interleaved": o.rotary_interleaved,
+        "add_bias_linear": cfg.add_bias_linear,
+        "add_qkv_bias": cfg.add_qkv_bias or cfg.add_bias_linear,
+        "squared_relu": False,
+        "swiglu": cfg.swiglu,
+        "untie_embeddings_and_output_weights": not cfg.tied,
+        "apply_layernorm_1p": False,
+        "normalization": str(cfg.normalization.value),
+        "apply_query_key_layer_scaling": False,
+        "attention_dropout": o.attention_dropout,
+        "hidden_dropout": o.hidden_dropout,
+        "hybrid_override_pattern": None,
+        "spec": None,
+        "hybrid_attention_ratio": 0.0,
+        "hybrid_mlp_ratio": 0.0,
+        "num_experts": None,
+        "moe_layer_freq": 1,
+        "moe_ffn_hidden_size": ffn,
+        "moe_router_topk": 2,
+        "moe_token_dispatcher_type": "allgather",
+        "moe_router_pre_softmax": False,
+        "moe_grouped_gemm": False,
+        "moe_shared_expert_intermediate_size": None,
+        "mamba_state_dim": 128,
+        "mamba_head_dim": 64,
+        "mamba_num_groups": 8,
+        "is_hybrid_model": False,
+        "heterogeneous_layers_config_path": None,
+        "heterogeneous_layers_config_encoded_json": None,
+        "tokenizer_model": None,
+        "tiktoken_pattern": None,
+        "ckpt_format": "torch",
+        "virtual_pipeline_model_parallel_size": None,
+        "num_layers_per_virtual_pipeline_stage": None,
+        "expert_model_parallel_size": 1,
+        "fp16": False,
+        "bf16": True,
+    }
     if cfg.qk_layernorm:
-        fields.append(("qk_layernorm", True))
-    fields.append(("transformer_impl", o.saver_transformer_impl))
-    fields = _moe_fields(fields, cfg, o, sizes) + _mla_fields(cfg, o) + _other_fields(cfg, o, sizes)
-    ns = argparse.Namespace()
-    for k, v in fields:
-        setattr(ns, k, v)
-    return ns
+        fields["qk_layernorm"] = True
+    fields["transformer_impl"] = o.saver_transformer_impl
+    _moe_fields(fields, cfg, o, sizes)
+    fields.update(_mla_fields(cfg, o))
+    fields.update(_other_fields(cfg, o, sizes))
+    return argparse.Namespace(**fields)
 
 
-def _set(fields: list, name: str, value) -> None:
-    fields[[k for k, _ in fields].index(name)] = (name, value)
-
-
-def _moe_fields(fields: list, cfg, o, sizes) -> list:
+def _moe_fields(fields: dict, cfg, o, sizes) -> None:
     """MoE values: the shapes' (experts, ffn, layer pattern, shared size, expert bias) and the routing settings.
 
     ``moe_layer_freq`` is 1 when every layer has experts, else the per-layer list: in torch_dist the spelling
@@ -153,53 +148,56 @@ def _moe_fields(fields: list, cfg, o, sizes) -> list:
     """
     moe = cfg.moe
     if moe is None:
-        return fields
+        return
     pattern = cfg.moe_layer_pattern
-    _set(fields, "num_experts", moe.num_experts)
-    _set(fields, "moe_layer_freq", 1 if all(pattern) else pattern)
-    _set(fields, "moe_ffn_hidden_size", moe.ffn)
-    _set(fields, "moe_router_topk", o.moe_router_topk if o.moe_router_topk is not None else 2)
-    _set(fields, "moe_router_pre_softmax", bool(o.moe_router_pre_softmax))
-    _set(fields, "moe_grouped_gemm", bool(o.moe_grouped_gemm))
-    _set(fields, "moe_shared_expert_intermediate_size", moe.shared.ffn if moe.shared else None)
-    _set(fields, "expert_model_parallel_size", sizes.ep)
-    return fields + [
-        ("expert_tensor_parallel_size", sizes.count_etp()),
-        ("moe_router_score_function", o.moe_router_score_function or "softmax"),
-        ("moe_router_enable_expert_bias", moe.expert_bias),
-        ("moe_router_topk_scaling_factor", o.moe_router_topk_scaling_factor),
-        ("moe_router_num_groups", o.moe_router_num_groups),
-        ("moe_router_group_topk", o.moe_router_group_topk),
-    ]
+    # set in place: these keep the positions the dense defaults above give them
+    fields.update(
+        num_experts=moe.num_experts,
+        moe_layer_freq=1 if all(pattern) else pattern,
+        moe_ffn_hidden_size=moe.ffn,
+        moe_router_topk=o.moe_router_topk if o.moe_router_topk is not None else 2,
+        moe_router_pre_softmax=bool(o.moe_router_pre_softmax),
+        moe_grouped_gemm=bool(o.moe_grouped_gemm),
+        moe_shared_expert_intermediate_size=moe.shared.ffn if moe.shared else None,
+        expert_model_parallel_size=sizes.ep,
+    )
+    fields.update(
+        expert_tensor_parallel_size=sizes.count_etp(),
+        moe_router_score_function=o.moe_router_score_function or "softmax",
+        moe_router_enable_expert_bias=moe.expert_bias,
+        moe_router_topk_scaling_factor=o.moe_router_topk_scaling_factor,
+        moe_router_num_groups=o.moe_router_num_groups,
+        moe_router_group_topk=o.moe_router_group_topk,
+    )
 
 
-def _mla_fields(cfg, o) -> list:
+def _mla_fields(cfg, o) -> dict:
     a = cfg.mla
     if a is None:
-        return []
-    return [
-        ("multi_latent_attention", True),
-        ("q_lora_rank", a.q_lora_rank),
-        ("kv_lora_rank", a.kv_lora_rank),
-        ("qk_head_dim", a.qk_head_dim),
-        ("qk_pos_emb_head_dim", a.qk_pos_emb_head_dim),
-        ("v_head_dim", a.v_head_dim),
-        ("rotary_scaling_factor", o.rotary_scaling_factor if o.rotary_scaling_factor is not None else 1.0),
-        ("mscale", o.mscale if o.mscale is not None else 1.0),
-        ("mscale_all_dim", o.mscale_all_dim if o.mscale_all_dim is not None else 0.0),
-    ]
+        return {}
+    return {
+        "multi_latent_attention": True,
+        "q_lora_rank": a.q_lora_rank,
+        "kv_lora_rank": a.kv_lora_rank,
+        "qk_head_dim": a.qk_head_dim,
+        "qk_pos_emb_head_dim": a.qk_pos_emb_head_dim,
+        "v_head_dim": a.v_head_dim,
+        "rotary_scaling_factor": o.rotary_scaling_factor if o.rotary_scaling_factor is not None else 1.0,
+        "mscale": o.mscale if o.mscale is not None else 1.0,
+        "mscale_all_dim": o.mscale_all_dim if o.mscale_all_dim is not None else 0.0,
+    }
 
 
-def _other_fields(cfg, o, sizes) -> list:
-    out = []
+def _other_fields(cfg, o, sizes) -> dict:
+    out = {}
     if cfg.mtp_layers:
-        out.append(("mtp_num_layers", len(cfg.mtp_layers)))
+        out["mtp_num_layers"] = len(cfg.mtp_layers)
     if sizes.first_stage_layers is not None:
-        out.append(("decoder_first_pipeline_num_layers", sizes.first_stage_layers))
+        out["decoder_first_pipeline_num_layers"] = sizes.first_stage_layers
     if sizes.last_stage_layers is not None:
-        out.append(("decoder_last_pipeline_num_layers", sizes.last_stage_layers))
+        out["decoder_last_pipeline_num_layers"] = sizes.last_stage_layers
     if o.norm_epsilon is not None:
-        out.append(("norm_epsilon", o.norm_epsilon))
+        out["norm_epsilon"] = o.norm_epsilon
     if o.use_rope_scaling:  # Llama 3.1's rope scaling; left out otherwise, as Megatron's default is off
-        out.append(("use_rope_scaling", True))
+        out["use_rope_scaling"] = True
     return out
