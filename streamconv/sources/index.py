@@ -23,7 +23,8 @@ from .header import read_header
 from .locate import locate
 from .mapped import file_identity
 from .schemes import SCHEMES, EntryClass, classify, refusal
-from .tensor import Skipped, SourceTensor
+from .skipped import Skipped
+from .tensor import SourceTensor
 
 
 @dataclass

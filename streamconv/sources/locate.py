@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ..core.errors import InputError, PathError
 from .ckpt import ckpt_advice, looks_like_ckpt
-from .tensor import Skipped
+from .skipped import Skipped
 
 HYPER_PARAM_FILE = "hyper_param.safetensors"
 UNIFIED_MAP = "param_name_map.json"
